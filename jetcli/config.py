@@ -1,0 +1,142 @@
+"""The Jet configuration: a small typed record that round-trips through JSON, plus named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+SPATIAL_PROJS = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstripes", "hstripes-inv")
+CHANNEL_PROJS = ("random",)
+KINDS = ("channels", "spatial")
+
+
+@dataclass(frozen=True)
+class JetConfig:
+    """Everything that fixes the shape and the function of a Jet model.
+
+    `kinds`, `channel_projs` and `spatial_projs` each repeat cyclically over the couplings, exactly as
+    in big_vision: coupling i has kind `kinds[i % len(kinds)]`, and the k-th spatial coupling uses
+    `spatial_projs[k % len(spatial_projs)]`.
+    """
+
+    image_size: tuple[int, int] = (64, 64)  # (height, width) in pixels
+    channels: int = 3
+    patch_size: int = 4
+    couplings: int = 32
+    block_depth: int = 2  # ViT blocks per coupling
+    width: int = 512  # ViT embedding width
+    heads: int = 8
+    mlp_ratio: int = 4
+    scale_factor: float = 2.0  # scale = sigmoid(raw) * scale_factor, so identity at raw = 0
+    kinds: tuple[str, ...] = ("channels", "channels", "channels", "channels", "spatial")
+    channel_projs: tuple[str, ...] = CHANNEL_PROJS
+    spatial_projs: tuple[str, ...] = SPATIAL_PROJS
+    seed: int = 0  # seeds the channel permutations (they are stored in checkpoints too)
+    # Numerical switches: big_vision uses flax defaults (eps 1e-6, tanh GELU); jet-pytorch 0.0.2 uses
+    # torch defaults (eps 1e-5, exact GELU).
+    ln_eps: float = 1e-6
+    gelu: str = "tanh"  # "tanh" or "exact"
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
+        for name in ("kinds", "channel_projs", "spatial_projs"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        h, w = self.image_size
+        p = self.patch_size
+        problems = []
+        if h % p or w % p:
+            problems.append(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        elif (h // p) * (w // p) % 2:
+            problems.append("spatial couplings need an even number of patches")
+        if (p * p * self.channels) % 2:
+            problems.append("channel couplings need an even number of dims per patch")
+        if self.width % self.heads:
+            problems.append(f"width {self.width} is not divisible by {self.heads} heads")
+        if not self.kinds or set(self.kinds) - set(KINDS):
+            problems.append(f"kinds must be drawn from {KINDS}, got {self.kinds}")
+        if set(self.spatial_projs) - set(SPATIAL_PROJS) or not self.spatial_projs:
+            problems.append(f"spatial_projs must be drawn from {SPATIAL_PROJS}, got {self.spatial_projs}")
+        if set(self.channel_projs) - set(CHANNEL_PROJS) or not self.channel_projs:
+            problems.append(f"channel_projs must be drawn from {CHANNEL_PROJS}, got {self.channel_projs}")
+        if self.gelu not in ("tanh", "exact"):
+            problems.append(f"gelu must be 'tanh' or 'exact', got {self.gelu!r}")
+        if min(self.couplings, self.block_depth, self.width, self.heads, self.mlp_ratio) < 1:
+            problems.append("couplings, block_depth, width, heads and mlp_ratio must be positive")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.image_size
+        return (h // self.patch_size) * (w // self.patch_size)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.channels
+
+    @property
+    def dims(self) -> int:
+        """D, the number of dimensions of one image."""
+        h, w = self.image_size
+        return h * w * self.channels
+
+    def plan(self) -> list[tuple[str, str]]:
+        """(kind, projection) of every coupling, cycling the patterns as big_vision does."""
+        plan, n_channel, n_spatial = [], 0, 0
+        for i in range(self.couplings):
+            kind = self.kinds[i % len(self.kinds)]
+            if kind == "channels":
+                plan.append((kind, self.channel_projs[n_channel % len(self.channel_projs)]))
+                n_channel += 1
+            else:
+                plan.append((kind, self.spatial_projs[n_spatial % len(self.spatial_projs)]))
+                n_spatial += 1
+        return plan
+
+    def replace(self, **changes) -> JetConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> JetConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> JetConfig:
+        return cls.from_dict(json.loads(text))
+
+
+_CH4_SP1 = ("channels", "channels", "channels", "channels", "spatial")
+
+PRESETS: dict[str, JetConfig] = {
+    # §3 of the paper: the ablation default on ImageNet 64x64.
+    "imagenet64-ablation": JetConfig(),
+    # big_vision configs/proj/jet/imagenet64.py (the same model, named after its source).
+    "bigvision-imagenet64": JetConfig(),
+    # The jet-pytorch 0.0.2 defaults and its public btrude/jet_imagenet64x64_200m checkpoint.
+    "jet-pytorch-imagenet64": JetConfig(ln_eps=1e-5, gelu="exact"),
+    # CPU-sized: the benchmark config of benchmarks/ (32x32, patch 4, 16 couplings, depth 2, width 256).
+    "cpu-32": JetConfig(image_size=(32, 32), couplings=16, block_depth=2, width=256, heads=4),
+    # Small enough to train on a laptop CPU in an hour or two.
+    "small-32": JetConfig(image_size=(32, 32), couplings=12, block_depth=1, width=192, heads=4),
+    # Tiny: for tests and smoke runs.
+    "tiny-16": JetConfig(image_size=(16, 16), couplings=5, block_depth=1, width=32, heads=2),
+}
+
+
+def preset(name: str) -> JetConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
