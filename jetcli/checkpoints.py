@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from jetcli.config import JetConfig
+from jetcli.fileio import atomic_write
 from jetcli.model import Jet
 
 FORMAT = "jetcli"
@@ -26,20 +26,6 @@ CONFIG_NAME = "config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match its model."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(model: Jet, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
