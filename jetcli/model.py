@@ -158,7 +158,7 @@ class ViT(nn.Module):
         x = self.init_proj(x) + self.posemb
         for block in self.blocks:
             x = block(x)
-        bias, raw_scale = self.final_proj(self.norm(x)).float().chunk(2, dim=-1)
+        bias, raw_scale = self.final_proj(self.norm(x)).chunk(2, dim=-1)  # Coupling casts to x's dtype
         return bias, raw_scale
 
 
