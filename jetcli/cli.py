@@ -2,29 +2,44 @@
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
+import json
+import math
+import os
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
+import numpy as np
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from jetcli import __version__
 from jetcli.checkpoints import CheckpointError
+from jetcli.codec import CodecError
 from jetcli.config import PRESETS, JetConfig, preset
 from jetcli.data import DataError
-from jetcli.images import ImageError
+from jetcli.fileio import atomic_write
+from jetcli.hub import HubError, LoadedModel
+from jetcli.images import IMAGE_SUFFIXES, ImageError
+from jetcli.precision import PRECISIONS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Jet normalizing flow: bits/dim, samples and lossless latents from the command line.")
 err = Console(stderr=True)
+out = Console()
 STATE = {"debug": False}
 
 # Errors that are the user's input, not our bug: reported as one line.
-USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ImageError, DataError, OSError)
+USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, HubError, ImageError, CodecError, DataError,
+                                                  OSError)
 
 
 class UsageError(ValueError):
@@ -41,7 +56,7 @@ def user_errors(fn):
         except USER_ERRORS + (UsageError,) as e:
             if STATE["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -69,18 +84,22 @@ def resolve_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
     return device
 
 
-def progress_bar(*fields: str) -> Progress:
+def progress_bar(*fields: str, disable: bool = False) -> Progress:
     columns = [TextColumn("[progress.description]{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}")]
     columns += [TextColumn(f"{name} {{task.fields[{name}]}}") for name in fields]
     return Progress(*columns, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=err, transient=False)
+                    console=err, transient=False, disable=disable)
 
 
 # --------------------------------------------------------------------------- train
@@ -177,3 +196,421 @@ def train(
     err.print(f"step {trainer.step}/{steps}; weights in {out}" + (f"; val bpd {vals[-1]:.4f}" if vals else ""))
     if trainer.stop_requested:
         raise typer.Exit(130)
+
+
+# --------------------------------------------------------------------------- shared by the commands below
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", "-m", metavar="PATH|OWNER/NAME[@REV]", show_default=False,
+    help="A checkpoint folder or file (jetcli, jet-pytorch .safetensors, big_vision .npz) or a Hugging Face "
+         "Hub repo owner/name[@revision] (cached; honours HF_HOME, HF_TOKEN, HF_HUB_OFFLINE). "
+         "Default: the model shipped with jetcli.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+PrecisionOption = Annotated[Precision, typer.Option(
+    "--precision",
+    help="fp32, or fast: the couplings' ViTs under bf16 autocast (faster on GPUs, slightly different numbers).")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the random draws: same seed, options and "
+                                                        "device give the same result.")]
+ForceOption = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs (never an input).")]
+
+
+def open_model(spec: str | None, device_spec: str) -> LoadedModel:
+    """Resolve --device and --model, move the model there and say what runs where."""
+    from jetcli.hub import load_model
+
+    device = resolve_device(device_spec)
+    loaded = load_model(spec)
+    config = loaded.model.config
+    if config.channels != 3:
+        raise UsageError(f"{loaded.name}: a {config.channels}-channel model; jet reads and writes RGB images")
+    loaded.model.to(device)
+    err.print(f"model {loaded.name} ({loaded.format}, {loaded.model.num_params() / 1e6:.2f}M params, "
+              f"{config.image_size[0]}x{config.image_size[1]} input) on {device}", highlight=False, soft_wrap=True)
+    return loaded
+
+
+def read_input(source: str) -> bytes:
+    """The bytes of a file, or of stdin for "-"."""
+    if source == "-":
+        stream = typer.get_binary_stream("stdin")
+        if stream.isatty():
+            raise UsageError("stdin is a terminal: pass a file, or pipe one in")
+        return stream.read()
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError(f"{source}: " + ("is a folder, not a file" if path.is_dir() else "no such file"))
+    return path.read_bytes()
+
+
+def plan_outputs(inputs: list[str], out: str | None, suffix: str, force: bool) -> list[tuple[str, Path | None]]:
+    """(input, output) pairs, None meaning stdout, checked before any work so that a refusal leaves
+    everything as it was: several inputs need a folder, stdout must not be a terminal, an input is
+    never overwritten and an existing output only with --force."""
+    if inputs.count("-") > 1:
+        raise UsageError("stdin (-) can be read only once")
+    if out is None or out == "-":
+        if len(inputs) > 1:
+            raise UsageError(f"{len(inputs)} inputs: pass -o DIR to write one {suffix} file for each")
+        if typer.get_binary_stream("stdout").isatty():
+            raise UsageError("refusing to write binary data to a terminal: redirect it (> FILE) or pass -o FILE")
+        return [(inputs[0], None)]
+    folder = Path(out)
+    if len(inputs) > 1 or folder.is_dir() or out.endswith(("/", os.sep)):
+        if "-" in inputs:
+            raise UsageError("an input from stdin has no name: pass -o FILE to write it")
+        pairs = [(source, folder / (Path(source).stem + suffix)) for source in inputs]
+        seen = {}
+        for source, dest in pairs:
+            if dest in seen:
+                raise UsageError(f"{seen[dest]} and {source} would both write {dest}")
+            seen[dest] = source
+    else:
+        if folder.suffix.lower() != suffix:
+            raise UsageError(f"-o {out}: the output is a {suffix} file; name it so (or pass a folder)")
+        pairs = [(inputs[0], folder)]
+    for _, dest in pairs:
+        check_output(dest, inputs, force)
+    return pairs
+
+
+def check_output(dest: Path, inputs: list[str], force: bool) -> None:
+    if any(source != "-" and Path(source).exists() and dest.exists() and dest.samefile(source)
+           for source in inputs):
+        raise UsageError(f"{dest}: is an input; refusing to overwrite it")
+    if dest.is_dir():
+        raise UsageError(f"{dest}: is a folder")
+    if dest.exists() and not force:
+        raise UsageError(f"{dest}: exists; pass --force to overwrite it")
+
+
+def write_output(dest: Path | None, data: bytes) -> str:
+    """Write atomically to a file, or to stdout for None; returns where, in words."""
+    if dest is None:
+        stream = typer.get_binary_stream("stdout")
+        stream.write(data)
+        stream.flush()
+        return "stdout"
+    atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
+    return str(dest)
+
+
+def source_name(source: str) -> str:
+    return "<stdin>" if source == "-" else source
+
+
+# --------------------------------------------------------------------------- bpd
+@app.command()
+@user_errors
+def bpd(
+    paths: Annotated[list[str], typer.Argument(
+        help="Image files, folders (searched recursively for images) or - for a list of paths on stdin, "
+             "one per line.", show_default=False)],
+    model: ModelOption = None,
+    samples: Annotated[int, typer.Option(min=1, help="Dequantisation noise draws per tile; the bpd is their mean.")] = 1,
+    seed: SeedOption = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Tiles per forward pass.")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV rows path,tiles,bpd,png_bpd instead.")] = False,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = Precision.fp32,
+):
+    """Bits per dimension of images under the model, beside their size as optimised PNG.
+
+    The bpd is the reference's: the negative log-likelihood of the uniformly dequantised image in bits,
+    divided by the number of dimensions (height x width x 3), averaged over `--samples` noise draws.
+    **png_bpd** is the size of the same pixels as an optimised PNG (Pillow, zlib level 9) in bits per dim.
+
+    **Tiles.** Images larger than the model's input are cut into non-overlapping tiles of the input size,
+    row by row from the top-left corner. The strips at the right and bottom edges that do not fill a whole
+    tile are dropped, and every number, PNG included, counts only the tiled pixels. Images smaller than
+    one tile are refused. An image's bpd is the mean over its tiles; **mean_bpd** is the mean over all
+    tiles of all images (all tiles have the same dims, so this is the dims-weighted mean), and **sem** its
+    standard error (tiles counted as independent draws; null for a single tile).
+
+    `--json` prints `{"model", "images": [{"path", "bpd", "png_bpd", "tiles"}], "mean_bpd", "sem"}`.
+
+    **Examples**
+
+        jet bpd photo.png
+        jet bpd ../shared/data/cbsd68 --samples 4 --json > cbsd68.json
+        find shots -name '*.png' | jet bpd - --csv --model owner/jet-model@main
+    """
+    from jetcli.images import covered, png_bytes, probe, read_rgb, tiles
+
+    if as_json and as_csv:
+        raise UsageError("--json and --csv: choose one")
+    files = gather_images(paths)
+    loaded = open_model(model, device)
+    size = loaded.model.config.image_size
+    counts = [tile_count(path, probe(path), size) for path in files]  # headers only: refuse before working
+    generator = torch.Generator().manual_seed(seed)
+    rows, tile_bpds, png_bits, png_dims = [], [], 0, 0
+    with progress_bar() as bar:
+        task = bar.add_task("bpd", total=sum(counts))
+        for path, count in zip(files, counts):
+            image = read_rgb(path)
+            kept = covered(image, size)
+            bits = []
+            for batch in np.array_split(tiles(image, size), math.ceil(count / batch_size)):
+                bits.append(tile_bits(loaded.model, batch, samples, generator, precision.value))
+                bar.advance(task, len(batch))
+            bits = np.concatenate(bits)
+            png = 8 * len(png_bytes(kept, optimize=True))
+            rows.append({"path": str(path), "bpd": float(bits.mean()), "png_bpd": png / kept.size, "tiles": count})
+            tile_bpds.append(bits)
+            png_bits, png_dims = png_bits + png, png_dims + kept.size
+    everything = np.concatenate(tile_bpds)
+    sem = float(everything.std(ddof=1) / math.sqrt(len(everything))) if len(everything) > 1 else None
+    result = {"model": loaded.name, "images": rows, "mean_bpd": float(everything.mean()), "sem": sem}
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    elif as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["path", "tiles", "bpd", "png_bpd"])
+        writer.writerows([r["path"], r["tiles"], f"{r['bpd']:.6f}", f"{r['png_bpd']:.6f}"] for r in rows)
+    else:
+        table = Table(title=f"bits per dim under {escape(loaded.name)}")
+        table.add_column("image", overflow="fold")
+        for name in ("tiles", "bpd", "PNG bpd"):
+            table.add_column(name, justify="right")
+        for r in rows:
+            table.add_row(escape(r["path"]), str(r["tiles"]), f"{r['bpd']:.4f}", f"{r['png_bpd']:.4f}")
+        out.print(table)
+        out.print(f"mean {result['mean_bpd']:.4f} ± {'n/a' if sem is None else f'{sem:.4f}'} bpd (standard "
+                  f"error) over {len(everything)} tiles of {len(rows)} image{'s' * (len(rows) > 1)}; PNG "
+                  f"{png_bits / png_dims:.4f}", highlight=False, soft_wrap=True)
+
+
+def gather_images(paths: list[str]) -> list[Path]:
+    """Files as given, folders searched recursively for image suffixes, "-" read as a list of paths."""
+    if paths.count("-") > 1:
+        raise UsageError("stdin (-) can be read only once")
+    found = []
+    for spec in paths:
+        if spec == "-":
+            found += gather_images([line.strip() for line in read_input("-").decode().splitlines() if line.strip()])
+        elif Path(spec).is_dir():
+            images = sorted(p for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not images:
+                raise ImageError(f"{spec}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+            found += images
+        else:
+            found.append(Path(spec))
+    if not found:
+        raise UsageError("no images given")
+    return found
+
+
+def tile_count(path: Path, image_size: tuple[int, int], tile: tuple[int, int]) -> int:
+    rows, cols = image_size[0] // tile[0], image_size[1] // tile[1]
+    if not rows or not cols:
+        raise ImageError(f"{path}: {image_size[0]}x{image_size[1]} (height x width) is smaller than the "
+                         f"model's {tile[0]}x{tile[1]} input")
+    return rows * cols
+
+
+@torch.inference_mode()
+def tile_bits(model, batch: np.ndarray, samples: int, generator: torch.Generator, precision: str) -> np.ndarray:
+    """Per-tile bpd of uint8 tiles (n, h, w, 3)."""
+    from jetcli.likelihood import image_bits
+    from jetcli.precision import compute_context
+
+    device = next(model.parameters()).device
+    with compute_context(device, precision):
+        bits = image_bits(model, torch.from_numpy(np.ascontiguousarray(batch)).to(device), samples, generator)
+    return bits.bpd.double().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- sample
+@app.command()
+@user_errors
+def sample(
+    num: Annotated[int, typer.Option("-n", "--num", min=1, help="How many images.")] = 64,
+    temp: Annotated[float, typer.Option("--temp", "-t", min=0.0,
+                                        help="Temperature: the latents' standard deviation.")] = 1.0,
+    output: Annotated[str, typer.Option("--out", "-o", help="A .png for one near-square grid, or a folder "
+                                        "(existing, or ending in /) for one PNG per sample.")] = "samples.png",
+    seed: SeedOption = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per inverse pass.")] = 64,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = Precision.fp32,
+    force: ForceOption = False,
+):
+    """Draw images from the model: latents z ~ N(0, temp²) through the inverse flow.
+
+    The noise comes from a CPU generator seeded with `--seed`, so a seed gives the same latents on every
+    device, and the same images run to run on one device. Lower temperatures give smoother, less varied
+    images.
+
+    **Examples**
+
+        jet sample -n 64 --temp 0.9 -o grid.png
+        jet sample -n 500 --seed 1 -o samples/ --batch-size 100 --device cuda
+    """
+    from jetcli.images import grid, png_bytes
+    from jetcli.sampling import sample as draw
+
+    if output.endswith(("/", os.sep)) or Path(output).is_dir():
+        digits = max(3, len(str(num - 1)))
+        dests = [Path(output) / f"sample_{i:0{digits}d}.png" for i in range(num)]
+    elif Path(output).suffix.lower() == ".png":
+        dests = [Path(output)]
+    else:
+        raise UsageError(f"-o {output}: give a .png file for a grid, or a folder (ending in /) for one PNG each")
+    for dest in dests:
+        check_output(dest, [], force)
+    loaded = open_model(model, device)
+    with progress_bar() as bar:
+        task = bar.add_task("sample", total=num)
+        images = draw(loaded.model, num, temperature=temp, generator=torch.Generator().manual_seed(seed),
+                      batch_size=batch_size, precision=precision.value, on_batch=lambda b: bar.advance(task, b))
+    arrays = [grid(images)] if len(dests) == 1 else list(images)
+    for dest, array in zip(dests, arrays):
+        write_output(dest, png_bytes(array))
+    err.print(f"wrote {num} samples (seed {seed}, temperature {temp:g}) to {output}", highlight=False,
+              soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- encode / decode
+InputsArgument = Annotated[Optional[list[str]], typer.Argument(show_default=False, help=(
+    "Input files; - or nothing reads one from stdin."))]
+
+
+@app.command()
+@user_errors
+def encode(
+    inputs: InputsArgument = None,
+    output: Annotated[Optional[str], typer.Option("--out", "-o", show_default=False, help=(
+        "The .npy to write, or a folder for one NAME.npy per image; - or omitted: stdout."))] = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help=(
+        "Decode the latent here and check that every pixel comes back; exit 2 if not."))] = True,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    force: ForceOption = False,
+):
+    """Encode 8-bit RGB images to Jet latents, losslessly: `jet decode` gives back the exact pixels.
+
+    Each pixel is encoded at the centre of its 8-bit bin, deterministically, in IEEE float32 (float64
+    where float32 cannot guarantee the round trip; the latent's dtype records which). The latent .npy
+    has the image's own shape (H, W, 3); images must be whole multiples of the model's input size
+    (they are coded tile by tile). By default the latent is decoded again and every pixel checked; if
+    the round trip would not be exact, nothing is written for that image and the exit status is 2.
+
+    **Examples**
+
+        jet encode photo.png > photo.npy
+        jet encode a.png b.png c.png -o latents/
+        jet encode - < photo.png | jet decode - -o same.png
+    """
+    from jetcli import codec
+    from jetcli.images import read_rgb
+
+    inputs = inputs or ["-"]
+    pairs = plan_outputs(inputs, output, ".npy", force)
+    loaded = open_model(model, device)
+    with progress_bar(disable=len(pairs) == 1) as bar:
+        for source, dest in bar.track(pairs, description="encode"):
+            name = source_name(source)
+            pixels = read_rgb(read_input(source), name=name)
+            try:
+                result = codec.encode(loaded.model, pixels, verify=verify)
+            except CodecError as e:
+                raise CodecError(f"{name}: {e}") from None
+            buffer = io.BytesIO()
+            np.save(buffer, result.latent, allow_pickle=False)
+            where = write_output(dest, buffer.getvalue())
+            check = ("not verified (--no-verify)" if not verify else
+                     f"round trip verified, worst pixel error {result.margin:.2g} px before rounding")
+            if result.latent.dtype == np.float64:
+                check += f" (float32 missed by {result.float32_margin:.2g} px)"
+            err.print(f"{name} -> {where}: {pixels.shape[0]}x{pixels.shape[1]}, {result.latent.dtype} "
+                      f"latent, {check}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def decode(
+    inputs: InputsArgument = None,
+    output: Annotated[Optional[str], typer.Option("--out", "-o", show_default=False, help=(
+        "The .png to write, or a folder for one NAME.png per latent; - or omitted: stdout."))] = None,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    force: ForceOption = False,
+):
+    """Decode latents written by `jet encode` back to the exact PNG pixels.
+
+    Use the model that encoded them. A latent that does not land on the 8-bit grid (another model, an
+    altered or damaged file) is refused with exit status 2, never decoded to a different image; so are
+    latents of the wrong shape or dtype, or holding NaN/Inf. Files are read without unpickling.
+
+    **Examples**
+
+        jet decode photo.npy -o photo.png
+        jet decode latents/*.npy -o decoded/
+        jet encode - < photo.png | jet decode - -o same.png
+    """
+    from jetcli import codec
+    from jetcli.images import png_bytes
+
+    inputs = inputs or ["-"]
+    pairs = plan_outputs(inputs, output, ".png", force)
+    loaded = open_model(model, device)
+    with progress_bar(disable=len(pairs) == 1) as bar:
+        for source, dest in bar.track(pairs, description="decode"):
+            name = source_name(source)
+            try:
+                result = codec.decode(loaded.model, read_latent(read_input(source)))
+            except CodecError as e:
+                raise CodecError(f"{name}: {e}") from None
+            where = write_output(dest, png_bytes(result.pixels))
+            err.print(f"{name} -> {where}: {result.pixels.shape[0]}x{result.pixels.shape[1]} image "
+                      f"(decoded values within {result.margin:.2g} px of the 8-bit grid)", highlight=False, soft_wrap=True)
+
+
+def read_latent(data: bytes) -> np.ndarray:
+    """A .npy array, never unpickled; its shape, dtype and values are checked by the codec."""
+    try:
+        latent = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CodecError(f"not a .npy latent ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(latent, np.ndarray):
+        raise CodecError("an .npz archive, not a .npy latent written by jet encode")
+    return latent
+
+
+# --------------------------------------------------------------------------- info
+@app.command()
+@user_errors
+def info(
+    model: ModelOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+):
+    """Describe a model: config, parameter count, input size, where its weights came from, their sha256.
+
+    The model is resolved exactly as the other commands resolve `--model`; the sha256 is that of the
+    weights file itself, so copies can be compared with `sha256sum`.
+
+    **Examples**
+
+        jet info
+        jet info --model runs/cifar --json
+        jet info --model btrude/jet_imagenet64x64_200m
+    """
+    from jetcli.hub import load_model
+
+    loaded = load_model(model)
+    config = loaded.model.config
+    h, w = config.image_size
+    result = {"model": loaded.name, "origin": loaded.origin, "format": loaded.format,
+              "weights": str(loaded.weights), "sha256": loaded.sha256(), "parameters": loaded.model.num_params(),
+              "input_size": [h, w, config.channels], "dims": config.dims, "config": config.to_dict()}
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    lines = {"model": loaded.name, "from": loaded.origin, "format": loaded.format, "weights": loaded.weights,
+             "sha256": result["sha256"], "parameters": f"{result['parameters']:,}",
+             "input": f"{h}x{w}x{config.channels} ({config.dims} dims)"}
+    lines.update({f"  {k}": ", ".join(map(str, v)) if isinstance(v, list) else v for k, v in result["config"].items()})
+    for key, value in lines.items():
+        out.print(f"[bold]{key:<15}[/] {escape(str(value))}", highlight=False, soft_wrap=True)

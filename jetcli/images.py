@@ -1,7 +1,24 @@
-"""Image files in and out: 8-bit RGB arrays (H, W, 3), with clear errors for anything else."""
+"""Image files in and out: 8-bit RGB arrays (H, W, 3), with clear errors for anything else.
+
+Which files are read, and how (the same policy for every command):
+
+- RGB: as stored. Greyscale (L) and bilevel (1) images are copied to all three channels; palette (P)
+  images take their palette colours. These conversions are exact: nothing is rounded.
+- Alpha (RGBA, LA, PA, or a tRNS colour key): read only when every pixel is fully opaque, and the alpha
+  channel is then dropped. Transparent pixels are refused: the model has no alpha channel, the colour
+  stored under a transparent pixel is arbitrary, and `jet decode` could not give the image back.
+- Refused: 16-bit and float images (Pillow would cut them to 8 bits; how to round is the user's choice),
+  CMYK, YCbCr, LAB and HSV (Pillow's conversions ignore colour profiles, so the pixels would not be the
+  picture the user sees), and animations or multi-page files (which frame?).
+- Pixels are read as stored: EXIF orientation and ICC profiles are not applied.
+- Decompression bombs: images with more than `MAX_PIXELS` pixels (Pillow's limit, about 89
+  megapixels) are refused from their header, before any pixel is decoded.
+"""
 
 from __future__ import annotations
 
+import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,24 +27,94 @@ from PIL import Image, UnidentifiedImageError
 from jetcli.fileio import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+EXACT_MODES = {"RGB", "RGBA", "L", "LA", "1", "P", "PA"}
 
 
 class ImageError(ValueError):
     """An image file that cannot be used."""
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to uint8 RGB (H, W, 3)."""
-    try:
-        with Image.open(path) as im:
+def read_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """Decode an image file (a path, or its bytes) to uint8 RGB (H, W, 3) under the policy above."""
+    name = name or _name(source)
+    with _open(source, name) as im:
+        try:
             im.load()
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8).copy()
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ImageError(f"{name}: cannot decode the image ({_one_line(e)})") from None
+        if "A" in im.mode or "transparency" in im.info:
+            rgba = np.asarray(im.convert("RGBA"))
+            transparent = int((rgba[..., 3] != 255).sum())
+            if transparent:
+                raise ImageError(f"{name}: {transparent} pixel(s) not fully opaque; jet reads RGB only "
+                                 "(flatten the image onto a background first)")
+            return np.ascontiguousarray(rgba[..., :3])
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def probe(source: str | Path | bytes, name: str | None = None) -> tuple[int, int]:
+    """(height, width) from the header alone, after the same checks as `read_rgb` makes before decoding."""
+    with _open(source, name or _name(source)) as im:
+        return im.height, im.width
+
+
+def _open(source: str | Path | bytes, name: str) -> Image.Image:
+    """Open lazily (header only) and refuse what the policy refuses."""
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_PIXELS and twice that: make the whole range an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(fp)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: refused as a possible decompression bomb (its header declares more "
+                         f"than {MAX_PIXELS:,} pixels)") from None
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: not a readable image ({e})") from None
+        raise ImageError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{name}: not a readable image ({_one_line(e)})") from None
+    try:
+        _check_mode(im, name)
+    except ImageError:
+        im.close()
+        raise
+    return im
+
+
+def _check_mode(im: Image.Image, name: str) -> None:
+    if im.mode not in EXACT_MODES:
+        why = ("16-bit or float pixels are not read" if im.mode.startswith(("I", "F")) else
+               f"{im.mode} images are not read (Pillow's conversion to RGB ignores colour profiles)")
+        raise ImageError(f"{name}: {why}; convert it to 8-bit RGB first")
+    rawmodes = [t.args if isinstance(t.args, str) else (t.args or ("",))[0] for t in im.tile]
+    if any(str(raw).startswith(f"{im.mode};16") for raw in rawmodes):
+        raise ImageError(f"{name}: 16-bit pixels are not read; convert it to 8-bit RGB first")
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        raise ImageError(f"{name}: has {frames} frames; jet reads single images")
+
+
+def tiles(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Non-overlapping (h, w) tiles of an (H, W, C) image, row-major, as (n, h, w, C).
+
+    The strips at the bottom and right that do not fill a whole tile are dropped; `covered(...)` is the
+    part that remains. An image smaller than one tile gives no tiles.
+    """
+    h, w = size
+    rows, cols, c = image.shape[0] // h, image.shape[1] // w, image.shape[2]
+    kept = covered(image, size)
+    return kept.reshape(rows, h, cols, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * cols, h, w, c)
+
+
+def covered(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The top-left part of an image that whole (h, w) tiles cover."""
+    h, w = size
+    return image[:image.shape[0] // h * h, :image.shape[1] // w * w]
 
 
 def grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
@@ -42,5 +129,20 @@ def grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
     return out
 
 
+def png_bytes(array: np.ndarray, optimize: bool = False) -> bytes:
+    """An 8-bit RGB array as PNG bytes; optimize=True is Pillow's smallest (zlib level 9, tuned)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", optimize=optimize)
+    return buffer.getvalue()
+
+
 def save_png(array: np.ndarray, path: str | Path) -> None:
     atomic_write(Path(path), lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def _name(source: str | Path | bytes) -> str:
+    return "<bytes>" if isinstance(source, bytes) else str(source)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]

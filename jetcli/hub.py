@@ -1,0 +1,137 @@
+"""Finding the model a command runs: a local checkpoint, a Hugging Face Hub repo, or the default model.
+
+`--model` takes
+
+- a local folder or file in any format `checkpoints.load` reads (jetcli's own, a jet-pytorch
+  .safetensors, a big_vision .npz); a path that exists always wins over a Hub id spelled the same;
+- a Hub repo id `owner/name` or `owner/name@revision` (branch, tag or commit). huggingface_hub
+  downloads it into its cache with a progress bar and reuses the cache afterwards; it reads HF_HOME
+  (or HF_HUB_CACHE), HF_TOKEN for private or gated repos, and HF_HUB_OFFLINE=1 to use the cache only.
+  The repo must hold jetcli's layout (model.safetensors + config.json at its top) or exactly one
+  .safetensors or .npz checkpoint;
+- nothing: the default model shipped inside the package (`jetcli.weights`, the repository's top-level
+  `weights/` folder: model.safetensors + config.json), found the same way in an editable install
+  and in an installed wheel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from jetcli import checkpoints
+from jetcli.checkpoints import CheckpointError
+from jetcli.model import Jet
+
+DEFAULT_PACKAGE = "jetcli.weights"
+HUB_PATTERNS = ["*.safetensors", "*.npz", "*.json"]  # never pickles from the network
+REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
+CHECKPOINT_SUFFIXES = (".safetensors", ".npz", *checkpoints.PICKLE_SUFFIXES)
+
+
+class HubError(ValueError):
+    """A Hub repo that cannot be fetched or holds no usable checkpoint."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Jet  # on the CPU, in eval mode
+    name: str  # how to name it in reports: "default", the path given, or owner/name@commit
+    origin: str  # where the weights came from, in words
+    weights: Path  # the file the tensors were read from
+    format: str  # "jetcli", "jet-pytorch" or "big_vision"
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+
+def load_model(spec: str | None = None) -> LoadedModel:
+    """The model `--model spec` names (see the module docstring); None is the default model."""
+    if spec is None:
+        folder = default_folder()
+        return _load(folder, "default", f"the default model shipped with jetcli ({folder})")
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _load(path, spec, f"local checkpoint {path.resolve()}")
+    match = REPO_ID.fullmatch(spec)
+    if match is None or path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        raise CheckpointError(f"{spec}: no such file or folder")
+    folder = fetch(match["repo"], match["revision"])
+    name = f"{match['repo']}@{folder.name}"  # the snapshot folder is named by its commit
+    return _load(checkpoint_in(folder, spec), name, f"Hugging Face Hub {spec}, cached in {folder}")
+
+
+def default_folder() -> Path:
+    """The packaged weights folder; a clear error where the default model is not there."""
+    try:
+        folder = Path(str(importlib.resources.files(DEFAULT_PACKAGE)))
+    except ModuleNotFoundError:
+        raise CheckpointError("this jetcli install has no default model (package jetcli.weights is "
+                              "missing); pass --model PATH or --model owner/name") from None
+    if not (folder / checkpoints.WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"no default model: {folder / checkpoints.WEIGHTS_NAME} is missing; "
+                              "pass --model PATH or --model owner/name")
+    return folder
+
+
+def fetch(repo: str, revision: str | None) -> Path:
+    """The local snapshot folder of a Hub repo, downloaded (checkpoint and JSON files only) if needed."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, HfHubHTTPError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    where = f"{repo}" + (f"@{revision}" if revision else "")
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        raise HubError(f"{where}: not a local path, and not in the Hub cache ({constants.HF_HUB_CACHE}) "
+                       f"while {why}") from None
+    except GatedRepoError:
+        raise HubError(f"{where}: gated repo: accept its terms on huggingface.co and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise HubError(f"{where}: not a local path, and no such repo on the Hub (if it is private, "
+                       "set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise HubError(f"{where}: the repo has no revision {revision!r}") from None
+    except (HfHubHTTPError, HFValidationError, OSError) as e:
+        raise HubError(f"{where}: cannot fetch from the Hub ({' '.join(str(e).split())[:300]})") from None
+
+
+def checkpoint_in(folder: Path, spec: str) -> Path:
+    """The checkpoint inside a downloaded repo: jetcli's layout, else its only .safetensors/.npz."""
+    if (folder / checkpoints.WEIGHTS_NAME).is_file():
+        return folder
+    found = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".npz"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise HubError(f"{spec}: the repo holds no .safetensors or .npz checkpoint")
+    names = ", ".join(str(p.relative_to(folder)) for p in found)
+    raise HubError(f"{spec}: the repo holds {len(found)} checkpoints ({names}); download the one you "
+                   "want and pass its path to --model")
+
+
+def checkpoint_format(path: Path) -> str:
+    """Which of the layouts `checkpoints.load` reads a path is in (it has loaded already)."""
+    weights = path / checkpoints.WEIGHTS_NAME if path.is_dir() else path
+    if weights.suffix.lower() == ".npz":
+        return "big_vision"
+    if weights.suffix.lower() == ".safetensors" and \
+            checkpoints.read_metadata(weights).get("format") == checkpoints.FORMAT:
+        return "jetcli"
+    return "jet-pytorch"
+
+
+def _load(path: Path, name: str, origin: str) -> LoadedModel:
+    model = checkpoints.load(path)
+    weights = path / checkpoints.WEIGHTS_NAME if path.is_dir() else path
+    return LoadedModel(model, name, origin, weights, checkpoint_format(path))

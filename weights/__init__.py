@@ -1,0 +1,1 @@
+"""The default model shipped with jetcli (model.safetensors + config.json); see jetcli.hub."""
