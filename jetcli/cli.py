@@ -103,11 +103,17 @@ def progress_bar(*fields: str, disable: bool = False) -> Progress:
 
 
 # --------------------------------------------------------------------------- train
+MODEL_FLAGS = ("preset_name", "couplings", "block_depth", "width", "heads", "patch_size", "kinds")
+
+
 @app.command()
 @user_errors
 def train(
-    data: str = typer.Argument(..., help="Images: a folder (recursive), a .npy/.npz of uint8 (N,H,W,3), "
-                                         "or FILE.npz:KEY."),
+    ctx: typer.Context,
+    data: Optional[str] = typer.Argument(
+        None, help="Training images: a folder (image files, searched recursively; or CIFAR-10 / downsampled "
+                   "ImageNet batches), a .npy/.npz of uint8 (N,H,W,3) or FILE.npz:KEY, or a CIFAR-10 batch "
+                   "file. With --resume: the run's data."),
     out: Path = typer.Option(Path("runs/jet"), "--out", "-o", help="Run folder: checkpoints, metrics, plots."),
     preset_name: str = typer.Option("small-32", "--preset", help=f"Model preset: {', '.join(PRESETS)}."),
     couplings: Optional[int] = typer.Option(None, help="Number of couplings (overrides the preset)."),
@@ -120,82 +126,143 @@ def train(
     val: Optional[str] = typer.Option(None, help="Validation images (same forms as DATA)."),
     val_fraction: float = typer.Option(0.0, help="Hold out this fraction of whole images for validation."),
     steps: int = typer.Option(1000, help="Optimiser steps."),
-    batch_size: int = typer.Option(64, help="Global batch size (images per step)."),
+    batch_size: int = typer.Option(64, help="Global batch size (images per step, over all processes)."),
     grad_accum: int = typer.Option(1, help="Split each batch into this many micro-batches."),
     lr: float = typer.Option(3e-4, help="Peak learning rate."),
-    weight_decay: float = typer.Option(1e-5, help="Decoupled weight decay, big_vision semantics."),
+    weight_decay: float = typer.Option(1e-5, help="Decoupled weight decay with big_vision semantics: "
+                                                  "param -= wd * schedule * param, independent of lr."),
     warmup: float = typer.Option(0.1, help="Warmup as a fraction of the steps; cosine decay after."),
     clip: float = typer.Option(1.0, help="Gradient clipping (global norm)."),
-    ema: Optional[float] = typer.Option(None, help="Keep an EMA of the weights with this decay (e.g. 0.999)."),
-    precision: str = typer.Option("fp32", help="fp32, or fast (bf16 autocast on the ViTs)."),
+    ema: Optional[float] = typer.Option(None, help="Keep an EMA of the weights with this decay (e.g. 0.999), "
+                                                   "saved in OUT/ema."),
+    precision: str = typer.Option("auto", help="auto (fast on CUDA, fp32 on CPU), fp32, or fast (bf16 autocast "
+                                               "on the ViTs; splits, logdet and loss stay float32)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     seed: int = typer.Option(0, help="Seed for init, data order, crops, flips and noise."),
     eval_every: int = typer.Option(500, help="Validate every N steps."),
     ckpt_every: int = typer.Option(500, help="Checkpoint every N steps (and on Ctrl-C/SIGTERM)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint; "
+                                                        "options not given again are the run's."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (under torchrun: one GPU per process)."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="OWNER/NAME",
+                                              help="At the end, upload weights, config.json and a model card "
+                                                   "to this Hugging Face repo."),
 ):
-    """Train a Jet on images by maximum likelihood.
+    """Train a Jet on images by maximum likelihood, with big_vision's recipe.
+
+    Ctrl-C or SIGTERM saves a checkpoint and stops; `--resume` continues exactly where it stopped.
+    Under `torchrun --nproc_per_node=N` it trains with DistributedDataParallel (nccl on GPUs, gloo on CPU).
 
     Example: `jet train ../shared/data/cifar10_lossless_subset.npz:train_images --val
     ../shared/data/cifar10_lossless_subset.npz:test_images --steps 5000 -o runs/cifar`
     """
+    import contextlib
+
     from jetcli import train as training
-    from jetcli.data import ImageSet, load_images
+    from jetcli.data import load_datasets
     from jetcli.images import grid, save_png
+    from jetcli.precision import PRECISIONS
     from jetcli.sampling import sample
 
-    train_set = ImageSet(load_images(data), crop=crop)
-    if val is not None:
-        val_set = ImageSet(load_images(val), crop=crop, flip=False)
-    elif val_fraction > 0:
-        train_set, val_set = train_set.split(val_fraction, seed)
-    else:
-        val_set = None
-    overrides = {k: v for k, v in dict(couplings=couplings, block_depth=block_depth, width=width, heads=heads,
-                                       patch_size=patch_size).items() if v is not None}
-    if kinds:
-        overrides["kinds"] = tuple(k.strip() for k in kinds.split(","))
+    args = dict(ctx.params)
+    # Compared by name: typer may bring its own copy of click's ParameterSource.
+    given = {k for k in args if getattr(ctx.get_parameter_source(k), "name", None) == "COMMANDLINE"}
+    if push_to_hub:
+        from jetcli import publish
+        try:
+            publish.check_destination(push_to_hub)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    saved_config = None
+    if resume:
+        try:
+            saved_config, args = training.resume_arguments(out, args, given)
+        except ValueError as e:  # a changed setting, or a state that cannot be read
+            raise UsageError(str(e)) from None
+    elif data is None:
+        raise UsageError("missing DATA: the training images (or --resume to continue the run in --out)")
+    elif (out / training.STATE_NAME).exists():
+        raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if args["precision"] not in ("auto", *PRECISIONS):
+        raise UsageError(f"--precision {args['precision']!r}: expected auto, {', '.join(PRECISIONS)}")
+
+    train_set, val_set = load_datasets(args["data"], args["val"], args["val_fraction"], args["crop"], args["seed"])
+    overrides = {k: args[k] for k in ("couplings", "block_depth", "width", "heads", "patch_size")
+                 if args[k] is not None}
+    if args["kinds"]:
+        overrides["kinds"] = tuple(k.strip() for k in args["kinds"].split(","))
     try:
-        config = preset(preset_name).replace(image_size=train_set.image_size, **overrides)
+        config = preset(args["preset_name"]).replace(image_size=train_set.image_size, **overrides)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if val_set is not None and val_set.image_size != config.image_size:
-        raise UsageError(f"validation images are {val_set.image_size}, training images {config.image_size}")
-    if (out / training.STATE_NAME).exists() and not resume:
-        raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if saved_config is not None:
+        if given & set(MODEL_FLAGS) and config != saved_config:
+            raise UsageError("a resumed run keeps its model: drop the model options, or choose another --out")
+        if saved_config.image_size != train_set.image_size:
+            raise UsageError(f"the run trained on {saved_config.image_size} images, the data gives "
+                             f"{train_set.image_size}")
+        config = saved_config
+
+    processes, run_device = training.init_distributed(resolve_device(args["device"]))
     opts = training.TrainOptions(
-        out=out, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
-        warmup=warmup, clip=clip, ema=ema, precision=precision, seed=seed, eval_every=eval_every,
-        ckpt_every=ckpt_every, device=str(resolve_device(device)), compile=compile,
-        extra={"data": data, "val": val, "crop": crop, "command": " ".join(sys.argv)})
-    trainer = training.Trainer(config, train_set, val_set, opts)
+        out=out, steps=args["steps"], batch_size=args["batch_size"], grad_accum=args["grad_accum"], lr=args["lr"],
+        weight_decay=args["weight_decay"], warmup=args["warmup"], clip=args["clip"], ema=args["ema"],
+        precision=training.resolve_precision(args["precision"], run_device), seed=args["seed"],
+        eval_every=args["eval_every"], ckpt_every=args["ckpt_every"], device=str(run_device),
+        compile=args["compile"],
+        extra={**{k: args[k] for k in training.DATA_KEYS}, "train_images": len(train_set),
+               "val_images": len(val_set) if val_set is not None else 0, "command": " ".join(["jet", *sys.argv[1:]])})
+    try:
+        trainer = training.Trainer(config, train_set, val_set, opts, processes)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if resume:
         trainer.resume()
-    err.print(f"Jet {trainer.model.num_params() / 1e6:.2f}M params, {config.couplings} couplings, "
-              f"{len(train_set)} training images of {config.image_size[0]}x{config.image_size[1]}"
-              + (f", {len(val_set)} validation" if val_set is not None else "") + f", device {opts.device}")
+    if processes.main:
+        err.print(f"Jet {trainer.model.num_params() / 1e6:.2f}M params, {config.couplings} couplings, "
+                  f"{len(train_set)} training images of {config.image_size[0]}x{config.image_size[1]}"
+                  + (f", {len(val_set)} validation" if val_set is not None else "")
+                  + f", {opts.device}, {opts.precision}"
+                  + (f", {processes.world} processes" if processes.world > 1 else "")
+                  + (f"; resuming at step {trainer.step}" if resume else ""))
 
-    with progress_bar("bpd", "val", "lr", "img_s") as bar:
-        task = bar.add_task("train", total=steps, completed=trainer.step, bpd="-", val="-", lr="-", img_s="-")
-        def show(r):
-            fields = {"bpd": f"{r['bpd']:.4f}", "lr": f"{r['lr']:.2e}"}
-            if "img_per_s" in r:
-                fields["img_s"] = f"{r['img_per_s']:.1f}"
-            if "val_bpd" in r:
-                fields["val"] = f"{r['val_bpd']:.4f}"
-            bar.update(task, completed=r["step"], **fields)
+    show = None
+    bar = progress_bar("bpd", "val", "lr", "img_s") if processes.main else contextlib.nullcontext()
+    with bar:
+        if processes.main:
+            task = bar.add_task("train", total=opts.steps, completed=trainer.step, bpd="-", val="-", lr="-",
+                                img_s="-")
+
+            def show(r):
+                fields = {"bpd": f"{r['bpd']:.4f}", "lr": f"{r['lr']:.2e}"}
+                if "img_per_s" in r:
+                    fields["img_s"] = f"{r['img_per_s']:.1f}"
+                if "val_bpd" in r:
+                    fields["val"] = f"{r['val_bpd']:.4f}"
+                bar.update(task, completed=r["step"], **fields)
         trainer.run(progress=show)
 
-    records = training.read_metrics(out)
-    training.plot_curves(records, out / "curves.png")
-    if trainer.step >= steps:
-        samples = sample(trainer.model, 64, temperature=1.0, generator=torch.Generator().manual_seed(seed))
-        save_png(grid(samples), out / "samples.png")
-    vals = [r["val_bpd"] for r in records if "val_bpd" in r]
-    err.print(f"step {trainer.step}/{steps}; weights in {out}" + (f"; val bpd {vals[-1]:.4f}" if vals else ""))
-    if trainer.stop_requested:
-        raise typer.Exit(130)
+    finished = trainer.step >= opts.steps
+    if processes.main:
+        records = training.read_metrics(out)
+        training.plot_curves(records, out / "curves.png")
+        if finished:
+            samples = sample(trainer.model, 64, generator=torch.Generator().manual_seed(opts.seed))
+            zoom = max(1, 64 // config.image_size[0])  # nearest-neighbour: small images stay visible
+            save_png(grid(samples.repeat(zoom, axis=1).repeat(zoom, axis=2)), out / "samples.png")
+        vals = [r["val_bpd"] for r in records if "val_bpd" in r]
+        err.print(f"step {trainer.step}/{opts.steps}; weights in {out}" + (f"; val bpd {vals[-1]:.4f}" if vals else "")
+                  + ("" if finished else "; stopped: continue with --resume"))
+        if finished and push_to_hub:
+            try:
+                url = publish.push(out, push_to_hub)
+            except Exception as e:  # network, auth, quota...: the run is safe on disk, say how to retry
+                raise UsageError(f"upload to {push_to_hub} failed ({e}); retry with: jet train --resume -o {out} "
+                                 f"--push-to-hub {push_to_hub}") from None
+            err.print(f"uploaded to {url}")
+    training.finish_distributed()
+    if not finished:
+        raise typer.Exit(128 + (trainer.stop_signal or 15))
 
 
 # --------------------------------------------------------------------------- shared by the commands below

@@ -1,31 +1,52 @@
-"""Training Jet by maximum likelihood, as the paper and big_vision's trainer do.
+"""Training Jet by maximum likelihood, as the paper and big_vision's Jet trainer do.
 
-Optimiser: AdamW, betas (0.9, 0.95), lr 3e-4, 10% linear warmup then cosine decay to 0, gradient clipping
-at global norm 1.0. Weight decay follows big_vision (optax): the decay step is `wd * schedule(t) * param`,
-independent of the base lr. PyTorch's AdamW multiplies its decay by the current lr, so we pass
-`weight_decay = wd / lr`: lr(t) * wd / lr = wd * schedule(t). The split orders are buffers, never trained.
+Optimisation follows big_vision (configs/proj/jet/imagenet64.py, big_vision/optax.py): Adam with
+betas (0.9, 0.95) and eps 1e-8, lr 3e-4, clipping at global norm 1.0, decoupled weight decay 1e-5 on
+every parameter (wd_mults (('.*', 1.0),)), linear warmup over 10% of the steps, then cosine decay to 0.
+The optax chain is clip -> scale_by_adam -> scale(lr) -> add_decayed_weights(wd) -> scale_by_schedule
+-> scale(-1), so one update is
 
-Everything a run needs to continue is in `state.safetensors` (weights, optimiser moments, EMA, RNG
-states, step) plus JSON metadata, so a stopped run resumes bit-identically on CPU: the data order of an
-epoch is a pure function of (seed, epoch), and the crop/flip/noise generator state is saved.
+    param <- param - sched(t) * (lr * adam_direction + wd * param):
+
+the decay, wd * sched(t) * param, does not depend on lr. torch's AdamW decays by lr(t) * weight_decay *
+param; with lr(t) = lr * sched(t) we pass weight_decay = wd / lr and get the same update. The split
+orders are buffers, never trained (big_vision freezes its projections). One difference: big_vision
+keeps Adam's first moment in bfloat16, we keep it in float32.
+
+Precision: "auto" is bf16 autocast on the ViTs on CUDA ("fast") and float32 on CPU; splitting, merging,
+the affine update, logdet and the loss are float32 either way (see jetcli.precision).
+
+Distributed: under torchrun every process builds the same model from the same seed and takes its
+contiguous share of each global batch; DistributedDataParallel averages the gradients. Only rank 0
+writes checkpoints, metrics and progress. The data order, crops, flips and noise are pure functions of
+(seed, stream position) (jetcli.data), so N processes at global batch B follow one process at batch B.
+Every process reads the run folder to resume, so on several machines it must be on shared storage.
+
+`state.safetensors` holds all a run needs to continue: weights (model.*), Adam moments and step counts
+(optim.{i}.*), the EMA (ema.*), and as metadata the step, the config and the options. A run that is
+stopped and resumed ends bit-identical to an uninterrupted one on CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors.torch import save_file
 
 from jetcli import checkpoints
 from jetcli.config import JetConfig
-from jetcli.data import ImageSet, epoch_order
+from jetcli.data import ImageSet, image_indices, sample_generator
 from jetcli.fileio import atomic_write
 from jetcli.likelihood import bits_per_dim, dequantize
 from jetcli.model import Jet
@@ -33,21 +54,22 @@ from jetcli.precision import compute_context
 
 STATE_NAME = "state.safetensors"
 METRICS_NAME = "metrics.jsonl"
+EMA_DIR = "ema"
 
 
 @dataclass
 class TrainOptions:
     out: Path
     steps: int
-    batch_size: int = 64
+    batch_size: int = 64  # global: images per optimiser step, over all processes and micro-batches
     grad_accum: int = 1
     lr: float = 3e-4
-    weight_decay: float = 1e-5  # big_vision semantics (see module docstring)
+    weight_decay: float = 1e-5  # big_vision semantics (see the module docstring)
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup: float = 0.1  # fraction of steps
+    warmup: float = 0.1  # fraction of the steps
     clip: float = 1.0
-    ema: float | None = None  # e.g. 0.999; saved beside the weights as ema.safetensors
-    precision: str = "fp32"
+    ema: float | None = None  # e.g. 0.999; saved beside the weights in ema/
+    precision: str = "fp32"  # "fp32" or "fast"; see resolve_precision
     seed: int = 0
     eval_every: int = 500
     ckpt_every: int = 500
@@ -55,107 +77,186 @@ class TrainOptions:
     val_samples: int = 1
     device: str = "cpu"
     compile: bool = False
-    extra: dict = field(default_factory=dict)  # recorded in the checkpoint metadata (data paths, command)
+    extra: dict = field(default_factory=dict)  # data sources and command, for resuming and the model card
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto = bf16 autocast ("fast") on CUDA, float32 elsewhere."""
+    if precision == "auto":
+        return "fast" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def warmup_steps(total: int, warmup: float) -> int:
+    """big_vision's rounding of warmup_percent: to the nearest step, at least 1 unless it is 0."""
+    return max(1, round(warmup * total)) if warmup else 0
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:
-    """Linear warmup from 0 over `warmup * total` steps, then cosine decay to 0."""
-    warm = max(1, round(warmup * total))
-    if step < warm:
-        return step / warm
-    progress = (step - warm) / max(1, total - warm)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    """big_vision's schedule at optimiser step `step` (0 = the first update): linear warmup from 0, then
+    cosine decay to 0 at `total`."""
+    warm = warmup_steps(total, warmup)
+    progress = min(1.0, max(0.0, (step - warm) / max(1, total - warm)))
+    factor = 0.5 * (1 + math.cos(math.pi * progress))
+    return factor * min(1.0, step / warm) if warm else factor
 
 
 def make_optimizer(model: Jet, opts: TrainOptions) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=opts.betas,
+    return torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=opts.betas, eps=1e-8,
                              weight_decay=opts.weight_decay / opts.lr)
 
 
+# --------------------------------------------------------------------------- processes
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join torchrun's process group when there is one: nccl with one GPU per local rank on CUDA, gloo
+    on CPU. The rendezvous (MASTER_ADDR/PORT, RANK, WORLD_SIZE) comes from torchrun's environment."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size()), device
+
+
+def finish_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- the trainer
 class Trainer:
-    def __init__(self, config: JetConfig, train: ImageSet, val: ImageSet | None, opts: TrainOptions):
+    def __init__(self, config: JetConfig, train: ImageSet, val: ImageSet | None, opts: TrainOptions,
+                 processes: Distributed = Distributed()):
         self.config, self.train_set, self.val_set, self.opts = config, train, val, opts
+        self.processes = processes
         self.device = torch.device(opts.device)
-        torch.manual_seed(opts.seed)
+        small = [f"--{k.replace('_', '-')}" for k in ("steps", "batch_size", "grad_accum", "eval_every", "ckpt_every",
+                                                      "log_every", "val_samples") if getattr(opts, k) < 1]
+        if small or opts.lr <= 0:
+            raise ValueError(f"{', '.join(small + (['--lr'] if opts.lr <= 0 else []))} must be positive")
+        if not 0 <= opts.warmup < 1 or (opts.ema is not None and not 0 < opts.ema < 1):
+            raise ValueError("--warmup must be in [0, 1) and --ema in (0, 1)")
+        if opts.batch_size % processes.world:
+            raise ValueError(f"batch size {opts.batch_size} is not divisible by {processes.world} processes")
+        if opts.batch_size // processes.world < opts.grad_accum:
+            raise ValueError(f"batch size {opts.batch_size} over {processes.world} process(es) is smaller "
+                             f"than --grad-accum {opts.grad_accum}")
+        torch.manual_seed(opts.seed)  # the same initial weights in every process
         self.model = Jet(config).to(self.device)
         self.optimizer = make_optimizer(self.model, opts)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, opts.steps, opts.warmup))
-        self.ema = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                    if opts.ema else None)
-        self.generator = torch.Generator().manual_seed(opts.seed)  # crops, flips, dequantisation noise
+        self.ema = self._fresh_ema() if opts.ema else None
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            if processes.world > 1 else None)
+        network = self.ddp or self.model
+        self.forward = torch.compile(network) if opts.compile else network
         self.step = 0
-        self.forward = torch.compile(self.model) if opts.compile else self.model
-        self.stop_requested = False
+        self.saved_step = -1
+        self.stop_signal: int | None = None  # set by SIGINT/SIGTERM in this process
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="jet-data")
+        self._prefetch: dict[int, Future] = {}
+
+    def _fresh_ema(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     # ------------------------------------------------------------------ one step
-    def next_batch(self) -> torch.Tensor:
-        """The global batch for `self.step`: a slice of this epoch's seeded order."""
-        n, b = len(self.train_set), self.opts.batch_size
-        first = self.step * b
-        idx = torch.cat([epoch_order(n, self.opts.seed, e)[max(0, first - e * n):first + b - e * n]
-                         for e in range(first // n, (first + b - 1) // n + 1)])
-        return self.train_set.batch(idx, self.generator)
+    def inputs(self, positions: torch.Tensor) -> torch.Tensor:
+        """Dequantised images (B, H, W, 3) in [-1, 1], on the CPU, for these stream positions."""
+        first, n = int(positions[0]), len(positions)
+        generators = [sample_generator(self.opts.seed, int(p)) for p in positions]
+        pixels = self.train_set.batch(image_indices(len(self.train_set), self.opts.seed, first, n), generators)
+        return torch.stack([dequantize(p, g) for p, g in zip(pixels, generators)])
 
-    def loss(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        x = dequantize(pixels, self.generator).to(self.device)
-        with compute_context(self.device, self.opts.precision):
-            z, logdet = self.forward(x)
-        bits = bits_per_dim(z.float(), logdet.float())
-        return bits.bpd.mean(), {"bpd": bits.bpd.mean().item(), "nll": bits.nll.mean().item(),
-                                 "logdet": bits.logdet.mean().item()}
+    def step_inputs(self, step: int) -> list[torch.Tensor]:
+        """This process's contiguous share of global batch `step`, as `grad_accum` micro-batches."""
+        share = self.opts.batch_size // self.processes.world
+        first = step * self.opts.batch_size + self.processes.rank * share
+        return [self.inputs(part) for part in torch.arange(first, first + share).tensor_split(self.opts.grad_accum)]
+
+    def _inputs_of_this_step(self) -> list[torch.Tensor]:
+        """This step's inputs (prepared in the background during the previous step), and start on the
+        next step's: the data are a pure function of the step, so preparing them early changes nothing."""
+        ready = self._prefetch.pop(self.step, None)
+        batches = ready.result() if ready is not None else self.step_inputs(self.step)
+        if self.step + 1 < self.opts.steps:
+            self._prefetch = {self.step + 1: self._loader.submit(self.step_inputs, self.step + 1)}
+        return batches
 
     def train_step(self) -> dict:
+        """One optimiser step on the global batch; returns its mean bits/dim and friends."""
         self.model.train()
-        pixels = self.next_batch()
-        parts = pixels.chunk(self.opts.grad_accum)
-        stats = {"bpd": 0.0, "nll": 0.0, "logdet": 0.0}
-        for part in parts:
-            loss, s = self.loss(part)
-            (loss * len(part) / len(pixels)).backward()
-            for k in stats:
-                stats[k] += s[k] * len(part) / len(pixels)
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip).item()
-        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        lr = self.opts.lr * lr_factor(self.step, self.opts.steps, self.opts.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = self._inputs_of_this_step()
+        totals = torch.zeros(3, device=self.device)  # bpd, nll and logdet summed over this process's images
+        for k, x in enumerate(batches):
+            last = k == len(batches) - 1
+            with contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync():
+                with compute_context(self.device, self.opts.precision):
+                    z, logdet = self.forward(x.to(self.device))
+                bits = bits_per_dim(z.float(), logdet.float())
+                # DDP averages gradients over processes: scale so the sum is the global batch mean.
+                (bits.bpd.sum() * self.processes.world / self.opts.batch_size).backward()
+            totals += torch.stack([bits.bpd.sum(), bits.nll.sum(), bits.logdet.sum()]).detach()
+        if self.ddp is not None:
+            dist.all_reduce(totals)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.step()
         if self.ema is not None:
             with torch.no_grad():
                 for k, v in self.model.state_dict().items():
                     if v.is_floating_point():
                         self.ema[k].lerp_(v, 1 - self.opts.ema)
         self.step += 1
-        return stats
+        bpd, nll, logdet = (totals / self.opts.batch_size).tolist()
+        return {"bpd": bpd, "nll": nll, "logdet": logdet, "grad_norm": grad_norm.item(), "lr": lr}
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean val bpd with fixed noise and crops, so successive evaluations are comparable."""
+        """Mean val bpd. Each image has fixed noise (and crop), so evaluations are comparable over steps,
+        runs and process counts; the processes split the images and sum their totals."""
         self.model.eval()
-        generator = torch.Generator().manual_seed(12345)
-        total, count = 0.0, 0
-        for start in range(0, len(self.val_set), self.opts.batch_size):
-            idx = torch.arange(start, min(start + self.opts.batch_size, len(self.val_set)))
-            pixels = self.val_set.batch(idx, generator)
+        mine = torch.arange(self.processes.rank, len(self.val_set), self.processes.world)
+        totals = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for indices in mine.split(self.opts.batch_size):
+            generators = [sample_generator(0, int(i), "val") for i in indices]
+            pixels = self.val_set.batch(indices, generators)
             for _ in range(self.opts.val_samples):
-                x = dequantize(pixels, generator).to(self.device)
+                x = torch.stack([dequantize(p, g) for p, g in zip(pixels, generators)]).to(self.device)
                 with compute_context(self.device, self.opts.precision):
                     z, logdet = self.model(x)
-                total += bits_per_dim(z.float(), logdet.float()).bpd.sum().item()
-                count += len(idx)
-        return total / count
+                totals[0] += bits_per_dim(z.float(), logdet.float()).bpd.double().sum()
+                totals[1] += len(indices)
+        if self.ddp is not None:
+            dist.all_reduce(totals)
+        return (totals[0] / totals[1]).item()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
+        """Rank 0 writes the resumable state, then the weights (and EMA) in the format every command loads."""
+        self.saved_step = self.step
+        if not self.processes.main:
+            return
         out = self.opts.out
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.ema is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
-        optim = self.optimizer.state_dict()
-        for i, s in optim["state"].items():
-            tensors.update({f"optim.{i}.{k}": v for k, v in s.items()})
-        tensors["rng.generator"] = self.generator.get_state()
-        tensors["rng.torch"] = torch.get_rng_state()
+        for i, state in self.optimizer.state_dict()["state"].items():
+            tensors.update({f"optim.{i}.{k}": v for k, v in state.items()})
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"step": str(self.step), "config": self.config.to_json(),
                 "options": json.dumps(asdict(self.opts), default=str)}
@@ -165,46 +266,63 @@ class Trainer:
         if self.ema is not None:
             ema_model = Jet(self.config)
             ema_model.load_state_dict(self.ema)
-            checkpoints.save(ema_model, out / "ema", extra_metadata=extra)
+            checkpoints.save(ema_model, out / EMA_DIR, extra_metadata=extra)
 
     def resume(self) -> None:
+        """Continue from `state.safetensors` in the run folder: weights, Adam state, EMA and step. The
+        schedule and the data position follow from the step. (States written before the data randomness
+        was keyed by position also hold rng.* tensors; they are not needed.)"""
         path = self.opts.out / STATE_NAME
-        tensors = load_file(str(path))
+        if not path.exists():
+            raise checkpoints.CheckpointError(f"{path}: no such file: nothing to resume")
+        tensors = checkpoints.load_state(path)
         meta = checkpoints.read_metadata(path)
-        if JetConfig.from_json(meta["config"]) != self.config:
+        try:
+            config, step = JetConfig.from_json(meta["config"]), int(meta["step"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise checkpoints.CheckpointError(f"{path}: not a jet train state ({e})") from None
+        if config != self.config:
             raise checkpoints.CheckpointError(f"{path}: was trained with another model config")
         group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        self.model.load_state_dict(group("model."))
-        if self.ema is not None:
-            self.ema = {k: v.to(self.device) for k, v in group("ema.").items()} or self.ema
-        optim = self.optimizer.state_dict()
-        state: dict[int, dict] = {}
-        for k, v in group("optim.").items():
-            i, name = k.split(".", 1)
-            state.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
-        optim["state"] = state
-        self.optimizer.load_state_dict(optim)
-        self.step = int(meta["step"])
-        self.schedule.last_epoch = self.step
-        for group_ in self.optimizer.param_groups:
-            group_["lr"] = self.opts.lr * lr_factor(self.step, self.opts.steps, self.opts.warmup)
-        self.generator.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.torch"])
+        try:
+            self.model.load_state_dict(group("model."))
+            optim = self.optimizer.state_dict()
+            optim["state"] = {}
+            for key, value in group("optim.").items():
+                index, name = key.split(".", 1)
+                optim["state"].setdefault(int(index), {})[name] = value
+            self.optimizer.load_state_dict(optim)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise checkpoints.CheckpointError(f"{path}: does not match the model ({str(e).splitlines()[0]})") from None
+        if self.ema is not None:  # a run that had no EMA starts one from the current weights
+            saved = group("ema.")
+            self.ema = {k: v.to(self.device) for k, v in saved.items()} if saved else self._fresh_ema()
+        self.step = self.saved_step = step
+        if self.processes.main:
+            self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric records past the checkpoint: the resumed run writes those steps again."""
+        records = [r for r in read_metrics(self.opts.out) if r["step"] <= self.step]
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(self.opts.out / METRICS_NAME, lambda tmp: Path(tmp).write_text(text))
 
     # ------------------------------------------------------------------ the loop
     def run(self, progress=None) -> list[dict]:
-        """Train to `opts.steps`, checkpointing every `ckpt_every` steps and on SIGINT/SIGTERM."""
-        out = self.opts.out
-        out.mkdir(parents=True, exist_ok=True)
+        """Train to `opts.steps`, checkpointing every `ckpt_every` steps and when SIGINT/SIGTERM asks to
+        stop (a second signal gets the default behaviour). Returns this session's metric records."""
+        out, main = self.opts.out, self.processes.main
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
         history: list[dict] = []
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-        metrics = open(out / METRICS_NAME, "a")
+        self._handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        metrics = open(out / METRICS_NAME, "a") if main else None
         try:
             tick, seen = time.perf_counter(), 0
-            while self.step < self.opts.steps and not self.stop_requested:
+            while self.step < self.opts.steps and not self.stop_agreed():
                 stats = self.train_step()
-                seen += self.opts.batch_size
                 record = {"step": self.step, **stats}
+                seen += self.opts.batch_size
                 if self.step % self.opts.log_every == 0 or self.step == self.opts.steps:
                     now = time.perf_counter()
                     record["img_per_s"] = seen / (now - tick)
@@ -212,24 +330,74 @@ class Trainer:
                 if self.val_set is not None and (self.step % self.opts.eval_every == 0
                                                  or self.step == self.opts.steps):
                     record["val_bpd"] = self.evaluate()
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
                 history.append(record)
-                if progress is not None:
-                    progress(record)
+                if main:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    if progress is not None:
+                        progress(record)
                 if self.step % self.opts.ckpt_every == 0:
                     self.save()
-            self.save()
+            if self.saved_step != self.step:
+                self.save()
         finally:
-            metrics.close()
-            for sig, handler in previous.items():
+            if metrics is not None:
+                metrics.close()
+            for sig, handler in self._handlers.items():
                 signal.signal(sig, handler)
         return history
 
+    def stop_agreed(self) -> bool:
+        """Whether any process was asked to stop: all must leave the loop at the same step."""
+        flag = torch.tensor([float(self.stop_signal is not None)], device=self.device)
+        if self.ddp is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def _request_stop(self, signum, frame):
-        self.stop_requested = True
+        self.stop_signal = signum
+        signal.signal(signum, self._handlers[signum])
 
 
+# --------------------------------------------------------------------------- resuming from the CLI
+# Options that fix what a run computes: a resumed run keeps them. The others are restored from the run
+# unless given again (a longer --steps, another --precision or --grad-accum on another machine).
+KEPT_ON_RESUME = ("data", "val", "val_fraction", "crop", "batch_size", "lr", "weight_decay", "warmup",
+                  "clip", "ema", "seed")
+RESUMABLE = KEPT_ON_RESUME + ("steps", "grad_accum", "eval_every", "ckpt_every", "precision", "compile")
+DATA_KEYS = ("data", "val", "val_fraction", "crop")
+
+
+def saved_run(out: Path) -> tuple[JetConfig, dict]:
+    """The config and the options (flat: data sources included) of the run in `out`."""
+    path = Path(out) / STATE_NAME
+    if not path.exists():
+        raise checkpoints.CheckpointError(f"{path}: no such file: nothing to resume")
+    meta = checkpoints.read_metadata(path)
+    try:
+        config, options = JetConfig.from_json(meta["config"]), json.loads(meta["options"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise checkpoints.CheckpointError(f"{path}: not a jet train state ({e})") from None
+    extra = options.get("extra") or {}
+    flat = {k: options[k] for k in RESUMABLE if k in options}
+    flat.update({k: extra.get(k) for k in DATA_KEYS})
+    flat["val_fraction"] = flat["val_fraction"] or 0.0
+    return config, flat
+
+
+def resume_arguments(out: Path, args: dict, given: set[str]) -> tuple[JetConfig, dict]:
+    """The saved run's config and options, with the options given on the command line applied where a
+    resumed run may change them. Raises ValueError for an attempt to change the others."""
+    config, saved = saved_run(out)
+    changed = [f"--{k.replace('_', '-')} {args[k]!r} (the run has {saved[k]!r})"
+               for k in KEPT_ON_RESUME if k in given and args[k] != saved[k]]
+    if changed:
+        raise ValueError("a resumed run keeps its data and optimisation settings: " + ", ".join(changed))
+    merged = {**args, **{k: v for k, v in saved.items() if k not in given}}
+    return config, merged
+
+
+# --------------------------------------------------------------------------- outputs
 def read_metrics(out: Path) -> list[dict]:
     path = Path(out) / METRICS_NAME
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
