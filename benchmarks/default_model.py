@@ -1,0 +1,98 @@
+"""Measure the default model for its model card: held-out bpd beside PNG and lossless WebP.
+
+    python benchmarks/default_model.py --model weights --data ../shared/data --out weights
+
+Writes `eval.json` (all figures) and sample grids (64 samples, seed 0, shown at 2x) at temperatures 0.7,
+0.9 and 1.0 into --out.
+Codecs get each image as its own file (as `jet bpd` reports png_bpd), so the comparison is per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from jetcli import checkpoints
+from jetcli.images import grid, save_png
+from jetcli.likelihood import image_bits
+from jetcli.sampling import sample
+
+
+def codec_bpd(image: np.ndarray, fmt: str) -> float:
+    buf = io.BytesIO()
+    options = {"PNG": dict(optimize=True), "WEBP": dict(lossless=True, quality=100, method=6)}[fmt]
+    Image.fromarray(image).save(buf, format=fmt, **options)
+    return len(buf.getvalue()) * 8 / image.size
+
+
+def model_bpd(model, images: np.ndarray, samples: int, batch: int = 256) -> np.ndarray:
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            out.append(image_bits(model, torch.from_numpy(images[i:i + batch]), samples, generator).bpd.numpy())
+    return np.concatenate(out)
+
+
+def summary(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "sem": float(v.std(ddof=1) / np.sqrt(len(v))), "n": int(len(v))}
+
+
+def photo_tiles(folder: Path, size: int) -> np.ndarray:
+    tiles = []
+    for f in sorted(folder.glob("*.png")):
+        im = np.asarray(Image.open(f).convert("RGB"))
+        h, w = (im.shape[0] // size) * size, (im.shape[1] // size) * size
+        t = im[:h, :w].reshape(h // size, size, w // size, size, 3).transpose(0, 2, 1, 3, 4)
+        tiles.append(t.reshape(-1, size, size, 3))
+    return np.concatenate(tiles)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="weights")
+    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--out", default="weights")
+    ap.add_argument("--samples", type=int, default=4, help="dequantisation draws per image")
+    args = ap.parse_args()
+    data, out = Path(args.data), Path(args.out)
+    model = checkpoints.load_own(Path(args.model))
+    size = model.config.image_size[0]
+    report: dict = {"model": args.model, "dequantisation_draws": args.samples, "torch": torch.__version__}
+
+    test = np.load(data / "cifar10_lossless_subset.npz")["test_images"]
+    t0 = time.perf_counter()
+    bpd = model_bpd(model, test, args.samples)
+    report["cifar10_test"] = {
+        "images": len(test),
+        "jet_bpd": summary(bpd),
+        "png_bpd": summary([codec_bpd(x, "PNG") for x in test]),
+        "webp_lossless_bpd": summary([codec_bpd(x, "WEBP") for x in test]),
+        "jet_seconds": time.perf_counter() - t0,
+    }
+    tiles = photo_tiles(data / "cbsd68", size)
+    report["cbsd68_tiles"] = {
+        "tiles": len(tiles), "tile": size,
+        "jet_bpd": summary(model_bpd(model, tiles, 1)),
+        "png_bpd": summary([codec_bpd(x, "PNG") for x in tiles]),
+        "webp_lossless_bpd": summary([codec_bpd(x, "WEBP") for x in tiles]),
+    }
+    for temp in (0.7, 0.9, 1.0):
+        t0 = time.perf_counter()
+        images = sample(model, 64, temperature=temp, generator=torch.Generator().manual_seed(0))
+        report[f"sample_64_seconds_temp_{temp}"] = time.perf_counter() - t0
+        save_png(grid(images.repeat(2, axis=1).repeat(2, axis=2)), out / f"samples_t{temp}.png")  # 2x zoom
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
