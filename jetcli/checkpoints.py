@@ -21,7 +21,6 @@ import math
 import os
 import re
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,10 @@ FORMAT_VERSION = "1"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+# Read through the open file handle. The default backend ("mmap") maps the file by its path a second
+# time: a file replaced in between (a run writing its next checkpoint) failed to load, or gave tensors
+# read at the old offsets of the new file (about 1 read in 150 while a writer replaced it in a loop).
+READ_BACKEND = "pread"
 
 
 class CheckpointError(ValueError):
@@ -73,22 +76,52 @@ def save(model: Jet, path: str | os.PathLike, extra_metadata: dict[str, str] | N
 
 def read_metadata(path: Path) -> dict[str, str]:
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt", backend=READ_BACKEND) as f:
             return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor, from the header alone."""
+    try:
+        with safe_open(str(path), framework="pt", backend=READ_BACKEND) as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path))
+        return load_file(str(path), backend=READ_BACKEND)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
 
 
 def build(config: JetConfig, state: dict[str, torch.Tensor], source: str) -> Jet:
     """A Jet from a config and a state dict in jetcli's layout, refusing any mismatch."""
+    check_size(config, {k: tuple(v.shape) for k, v in state.items()}, source)
     return fill(Jet(config), state, source)
+
+
+def check_size(config: JetConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse a config whose model would be larger than its tensors (given by name -> shape) before that
+    model is built: a stored config is text, and one saying 10**9 couplings must not allocate anything.
+
+    The numbers of couplings and blocks and the shapes of three tensors of coupling 0 fix the size of
+    every tensor; `fill` then checks each one."""
+    counts = {"couplings": (config.couplings, _count(shapes, r"couplings\.(\d+)\.")),
+              "blocks per coupling": (config.block_depth, _count(shapes, r"couplings\.0\.vit\.blocks\.(\d+)\."))}
+    for what, (wanted, found) in counts.items():
+        if wanted != found:
+            raise CheckpointError(f"{source}: the config has {wanted} {what}, the tensors {found}")
+    half, width = config.patch_dim // 2, config.width
+    needed = {"couplings.0.vit.init_proj.weight": (width, half),
+              "couplings.0.vit.posemb": (1, config.num_patches, width),
+              "couplings.0.vit.blocks.0.mlp.fc1.weight": (config.mlp_ratio * width, width)}
+    for name, wanted in needed.items():
+        if name in shapes and tuple(shapes[name]) != wanted:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(shapes[name])}, the config needs {wanted}")
 
 
 def fill(model: Jet, state: dict[str, torch.Tensor], source: str) -> Jet:
@@ -170,7 +203,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except Exception as e:  # damaged bytes raise OSError, BadZipFile, SyntaxError, MemoryError (a lying header)...
         raise CheckpointError(f"{path}: not a readable .npz of plain arrays ({_one_line(e)})") from None
 
 
@@ -179,7 +212,10 @@ def read_pickled_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError... all mean "refused"
-        raise CheckpointError(f"{path}: refused: not a weights-only torch file ({_one_line(e)}); "
+        # torch's message is a page that suggests weights_only=False; keep only the reason.
+        reason = re.search(r"WeightsUnpickler error:\s*([^.\n]+)", str(e))
+        reason = reason[1] if reason else f"{type(e).__name__}: {_one_line(e)}"
+        raise CheckpointError(f"{path}: refused: not a weights-only torch file ({reason}); "
                               "convert it to .safetensors") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from jetcli import __version__
+from jetcli import __version__, checkpoints
 from jetcli.checkpoints import CheckpointError
 from jetcli.codec import CodecError
 from jetcli.config import PRESETS, JetConfig, preset
@@ -183,6 +183,11 @@ def train(
         raise UsageError("missing DATA: the training images (or --resume to continue the run in --out)")
     elif (out / training.STATE_NAME).exists():
         raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    elif out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder")
+    elif taken := [name for name in (checkpoints.WEIGHTS_NAME, checkpoints.CONFIG_NAME, training.EMA_DIR,
+                                     "curves.png", "samples.png") if (out / name).exists()]:
+        raise UsageError(f"{out} holds {', '.join(taken)}, which training would overwrite: choose another --out")
     if args["precision"] not in ("auto", *PRECISIONS):
         raise UsageError(f"--precision {args['precision']!r}: expected auto, {', '.join(PRECISIONS)}")
 
@@ -346,6 +351,9 @@ def check_output(dest: Path, inputs: list[str], force: bool) -> None:
         raise UsageError(f"{dest}: is an input; refusing to overwrite it")
     if dest.is_dir():
         raise UsageError(f"{dest}: is a folder")
+    folder = next(p for p in dest.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise UsageError(f"{dest}: cannot be written, {folder} is a file, not a folder")
     if dest.exists() and not force:
         raise UsageError(f"{dest}: exists; pass --force to overwrite it")
 
@@ -357,7 +365,10 @@ def write_output(dest: Path | None, data: bytes) -> str:
         stream.write(data)
         stream.flush()
         return "stdout"
-    atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
+    try:
+        atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
+    except OSError as e:
+        raise UsageError(f"{dest}: cannot be written ({e.strerror or e})") from None
     return str(dest)
 
 
@@ -455,7 +466,7 @@ def gather_images(paths: list[str]) -> list[Path]:
     found = []
     for spec in paths:
         if spec == "-":
-            found += gather_images([line.strip() for line in read_input("-").decode().splitlines() if line.strip()])
+            found += gather_images([line.strip() for line in os.fsdecode(read_input("-")).splitlines() if line.strip()])
         elif Path(spec).is_dir():
             images = sorted(p for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not images:
@@ -518,6 +529,8 @@ def sample(
     from jetcli.images import grid, png_bytes
     from jetcli.sampling import sample as draw
 
+    if not math.isfinite(temp):
+        raise UsageError(f"--temp {temp}: must be a finite number")
     if output.endswith(("/", os.sep)) or Path(output).is_dir():
         digits = max(3, len(str(num - 1)))
         dests = [Path(output) / f"sample_{i:0{digits}d}.png" for i in range(num)]
@@ -639,7 +652,7 @@ def read_latent(data: bytes) -> np.ndarray:
     """A .npy array, never unpickled; its shape, dtype and values are checked by the codec."""
     try:
         latent = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except Exception as e:  # damaged bytes raise ValueError, SyntaxError, tokenize.TokenError, MemoryError...
         raise CodecError(f"not a .npy latent ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(latent, np.ndarray):
         raise CodecError("an .npz archive, not a .npy latent written by jet encode")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import math
+import operator
+from dataclasses import dataclass
 
 SPATIAL_PROJS = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstripes", "hstripes-inv")
 CHANNEL_PROJS = ("random",)
 KINDS = ("channels", "spatial")
+POSITIVE_INTS = ("channels", "patch_size", "couplings", "block_depth", "width", "heads", "mlp_ratio")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,15 @@ class JetConfig:
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
         for name in ("kinds", "channel_projs", "spatial_projs"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        # Configs also come from files (checkpoint metadata): check types and ranges before any arithmetic.
+        for name in (*POSITIVE_INTS, "seed"):
+            object.__setattr__(self, name, operator.index(getattr(self, name)))  # TypeError for "5" or 5.0
+        if min(*self.image_size, *(getattr(self, name) for name in POSITIVE_INTS)) < 1:
+            raise ValueError(f"image_size, {', '.join(POSITIVE_INTS)} must be positive")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                   for v in (self.scale_factor, self.ln_eps)):
+            raise ValueError(f"scale_factor and ln_eps must be positive numbers, got {self.scale_factor!r}, "
+                             f"{self.ln_eps!r}")
         h, w = self.image_size
         p = self.patch_size
         problems = []
@@ -61,8 +73,6 @@ class JetConfig:
             problems.append(f"channel_projs must be drawn from {CHANNEL_PROJS}, got {self.channel_projs}")
         if self.gelu not in ("tanh", "exact"):
             problems.append(f"gelu must be 'tanh' or 'exact', got {self.gelu!r}")
-        if min(self.couplings, self.block_depth, self.width, self.heads, self.mlp_ratio) < 1:
-            problems.append("couplings, block_depth, width, heads and mlp_ratio must be positive")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -31,7 +31,6 @@ import functools
 import hashlib
 import pickle
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +79,8 @@ def load_array(spec: str) -> np.ndarray:
             return _as_images(npz[key], f"{path}:{key}")
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable numpy array file ({e})") from None
+    except Exception as e:  # damaged bytes raise OSError, BadZipFile, SyntaxError, MemoryError (a lying header)...
+        raise DataError(f"{path}: not a readable numpy array file ({' '.join(str(e).split())})") from None
 
 
 # --------------------------------------------------------------------------- CIFAR-10 pickles
@@ -116,8 +115,9 @@ def load_cifar_batch(path: Path) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             batch = ArrayUnpickler(f, encoding="bytes").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise DataError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+    except Exception as e:  # malformed bytes raise almost anything (KeyError, struct.error, MemoryError...)
+        reason = " ".join(str(e).split())
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {reason})") from None
     data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
     if not isinstance(data, np.ndarray):
         raise DataError(f"{path}: not a CIFAR-10 python batch (no 'data' array)")
@@ -185,6 +185,8 @@ class ImageSet:
         if not len(self.images):
             raise DataError("no images")
         if self.crop is not None:
+            if self.crop < 1:
+                raise DataError(f"--crop {self.crop}: the crop size must be positive")
             sizes = [self.images.shape[1:3]] if isinstance(self.images, torch.Tensor) else \
                 [im.shape[:2] for im in self.images]
             small = min(sizes, key=min)
@@ -230,6 +232,8 @@ class ImageSet:
 def load_datasets(data: str, val: str | None = None, val_fraction: float = 0.0, crop: int | None = None,
                   seed: int = 0) -> tuple[ImageSet, ImageSet | None]:
     """(train, val): val from its own source, or a held-out fraction of whole images, or none."""
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"the validation fraction must be between 0 and 1 (0 for none), got {val_fraction}")
     if val is not None and val_fraction > 0:
         raise DataError("give either a validation set or a validation fraction, not both")
     train_set = ImageSet(load_images(data), crop=crop)

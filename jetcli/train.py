@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from jetcli import checkpoints
 from jetcli.config import JetConfig
 from jetcli.data import ImageSet, image_indices, sample_generator
-from jetcli.fileio import atomic_write
+from jetcli.fileio import atomic_write, remove_partial_writes
 from jetcli.likelihood import bits_per_dim, dequantize
 from jetcli.model import Jet
 from jetcli.precision import compute_context
@@ -144,8 +144,9 @@ class Trainer:
         self.device = torch.device(opts.device)
         small = [f"--{k.replace('_', '-')}" for k in ("steps", "batch_size", "grad_accum", "eval_every", "ckpt_every",
                                                       "log_every", "val_samples") if getattr(opts, k) < 1]
-        if small or opts.lr <= 0:
-            raise ValueError(f"{', '.join(small + (['--lr'] if opts.lr <= 0 else []))} must be positive")
+        small += [name for name, value in (("--lr", opts.lr), ("--clip", opts.clip)) if not 0 < value < math.inf]
+        if small:
+            raise ValueError(f"{', '.join(small)} must be positive and finite")
         if not 0 <= opts.warmup < 1 or (opts.ema is not None and not 0 < opts.ema < 1):
             raise ValueError("--warmup must be in [0, 1) and --ema in (0, 1)")
         if opts.batch_size % processes.world:
@@ -281,16 +282,19 @@ class Trainer:
             config, step = JetConfig.from_json(meta["config"]), int(meta["step"])
         except (KeyError, ValueError, TypeError) as e:
             raise checkpoints.CheckpointError(f"{path}: not a jet train state ({e})") from None
+        if step < 0:
+            raise checkpoints.CheckpointError(f"{path}: not a jet train state (step {step})")
         if config != self.config:
             raise checkpoints.CheckpointError(f"{path}: was trained with another model config")
         group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        checkpoints.fill(self.model, group("model."), str(path))  # refuses missing, misshapen or NaN weights
         try:
-            self.model.load_state_dict(group("model."))
             optim = self.optimizer.state_dict()
             optim["state"] = {}
             for key, value in group("optim.").items():
                 index, name = key.split(".", 1)
                 optim["state"].setdefault(int(index), {})[name] = value
+            _check_adam_state(optim["state"], [p.shape for p in self.model.parameters()], step)
             self.optimizer.load_state_dict(optim)
         except (RuntimeError, ValueError, KeyError) as e:
             raise checkpoints.CheckpointError(f"{path}: does not match the model ({str(e).splitlines()[0]})") from None
@@ -300,6 +304,11 @@ class Trainer:
         self.step = self.saved_step = step
         if self.processes.main:
             self._truncate_metrics()
+            # A killed run leaves the temporary files of the writes it was making; nothing reads them.
+            written = (STATE_NAME, METRICS_NAME, checkpoints.WEIGHTS_NAME, checkpoints.CONFIG_NAME, "curves.png",
+                       "samples.png")
+            for folder in (self.opts.out, self.opts.out / EMA_DIR):
+                remove_partial_writes(folder, written)
 
     def _truncate_metrics(self) -> None:
         """Drop metric records past the checkpoint: the resumed run writes those steps again."""
@@ -316,7 +325,8 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
         history: list[dict] = []
         self._handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        metrics = open(out / METRICS_NAME, "a") if main else None
+        # A fresh run replaces the metrics of one that was killed before its first checkpoint.
+        metrics = open(out / METRICS_NAME, "a" if self.step else "w") if main else None
         try:
             tick, seen = time.perf_counter(), 0
             while self.step < self.opts.steps and not self.stop_agreed():
@@ -359,6 +369,21 @@ class Trainer:
         signal.signal(signum, self._handlers[signum])
 
 
+def _check_adam_state(state: dict[int, dict[str, torch.Tensor]], shapes: list[torch.Size], step: int) -> None:
+    """torch loads optimiser state without checking it; a damaged one would fail (or train on NaN) later."""
+    for index, moments in state.items():
+        if not 0 <= index < len(shapes):
+            raise ValueError(f"optimiser state for parameter {index}, the model has {len(shapes)}")
+        for name, value in moments.items():
+            if name != "step" and value.shape != shapes[index]:
+                raise ValueError(f"optim.{index}.{name} has shape {tuple(value.shape)}, the parameter "
+                                 f"{tuple(shapes[index])}")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"optim.{index}.{name} holds NaN or Inf")
+    if step and len(state) != len(shapes):
+        raise ValueError(f"optimiser state for {len(state)} of the {len(shapes)} parameters at step {step}")
+
+
 # --------------------------------------------------------------------------- resuming from the CLI
 # Options that fix what a run computes: a resumed run keeps them. The others are restored from the run
 # unless given again (a longer --steps, another --precision or --grad-accum on another machine).
@@ -378,6 +403,12 @@ def saved_run(out: Path) -> tuple[JetConfig, dict]:
         config, options = JetConfig.from_json(meta["config"]), json.loads(meta["options"])
     except (KeyError, ValueError, TypeError) as e:
         raise checkpoints.CheckpointError(f"{path}: not a jet train state ({e})") from None
+    if not isinstance(options, dict) or not isinstance(options.get("extra") or {}, dict):
+        raise checkpoints.CheckpointError(f"{path}: not a jet train state (its options are not a JSON object)")
+    # The run's model is built from this config: a damaged one must not allocate a huge model first.
+    shapes = checkpoints.read_shapes(path)
+    checkpoints.check_size(config, {k[len("model."):]: v for k, v in shapes.items() if k.startswith("model.")},
+                           str(path))
     extra = options.get("extra") or {}
     flat = {k: options[k] for k in RESUMABLE if k in options}
     flat.update({k: extra.get(k) for k in DATA_KEYS})
@@ -399,8 +430,13 @@ def resume_arguments(out: Path, args: dict, given: set[str]) -> tuple[JetConfig,
 
 # --------------------------------------------------------------------------- outputs
 def read_metrics(out: Path) -> list[dict]:
+    """The records of metrics.jsonl; a last line cut short by a crash is skipped."""
     path = Path(out) / METRICS_NAME
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
 
 
 def plot_curves(records: list[dict], path: Path, size: tuple[int, int] = (640, 400)) -> None:
