@@ -91,12 +91,36 @@ class Split(nn.Module):
 
 
 # --------------------------------------------------------------------------- the ViT
+class Linear(nn.Linear):
+    """nn.Linear whose CPU products run on oneDNN, as a 1x1 convolution over rows of tokens.
+
+    PyTorch sends float32 CPU matmuls to MKL, which takes its AVX2 path on AMD CPUs; the same product
+    as a channels-last 1x1 convolution runs on oneDNN's AVX-512 kernels: about 2x faster there, still
+    IEEE float32 (BENCHMARKS.md). Deterministic mode (the lossless codec) keeps the plain
+    matmul, because PyTorch picks the convolution kernel by batch size and thread count.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type != "cpu" or x.dim() != 3 or x.dtype not in (torch.float32, torch.bfloat16)
+                or torch.are_deterministic_algorithms_enabled()):
+            return super().forward(x)
+        images = x.unsqueeze(1).permute(0, 3, 1, 2)  # b images of 1 x n pixels, channels-last
+        y = F.conv2d(images, self.weight[:, :, None, None], self.bias)
+        return y.permute(0, 2, 3, 1).reshape(*x.shape[:2], -1)
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, with the softmax in float32."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)  # rows: [query; key; value], torch MHA layout
-        self.out = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width)  # rows: [query; key; value], torch MHA layout
+        self.out = Linear(width, width)
         nn.init.xavier_uniform_(self.qkv.weight)
         nn.init.zeros_(self.qkv.bias)
         nn.init.xavier_uniform_(self.out.weight)
@@ -105,15 +129,18 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, w = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            y = softmax_attention(q, k, v)  # CPU's bf16 SDPA kernels are 2-4x slower at ViT token counts
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(b, n, w))
 
 
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, gelu: str):
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = Linear(width, hidden)
+        self.fc2 = Linear(hidden, width)
         self.approximate = "tanh" if gelu == "tanh" else "none"
         for fc in (self.fc1, self.fc2):
             nn.init.xavier_uniform_(fc.weight)
@@ -144,13 +171,13 @@ class ViT(nn.Module):
     def __init__(self, cfg: JetConfig):
         super().__init__()
         half = cfg.patch_dim // 2
-        self.init_proj = nn.Linear(half, cfg.width)
+        self.init_proj = Linear(half, cfg.width)
         nn.init.trunc_normal_(self.init_proj.weight, std=1 / math.sqrt(half))  # flax lecun_normal
         nn.init.zeros_(self.init_proj.bias)
         self.posemb = nn.Parameter(torch.randn(1, cfg.num_patches, cfg.width) / math.sqrt(cfg.width))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.block_depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.final_proj = nn.Linear(cfg.width, 2 * half)
+        self.final_proj = Linear(cfg.width, 2 * half)
         nn.init.zeros_(self.final_proj.weight)  # zero init: every coupling starts as the identity
         nn.init.zeros_(self.final_proj.bias)
 
