@@ -248,11 +248,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        """Rank 0 writes the resumable state, then the weights (and EMA) in the format every command loads."""
+        """Rank 0 writes the weights (and EMA) in the format every command loads, then the resumable state.
+
+        The state goes last: it is what --resume continues from, so a run killed in between has weights
+        one step ahead of its state (which resuming recomputes identically), never weights left behind."""
         self.saved_step = self.step
         if not self.processes.main:
             return
         out = self.opts.out
+        extra = {"step": str(self.step), "train": json.dumps(self.opts.extra, default=str)}
+        checkpoints.save(self.model, out, extra_metadata=extra)
+        if self.ema is not None:
+            ema_model = Jet(self.config)
+            ema_model.load_state_dict(self.ema)
+            checkpoints.save(ema_model, out / EMA_DIR, extra_metadata=extra)
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.ema is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
@@ -262,12 +271,6 @@ class Trainer:
         meta = {"step": str(self.step), "config": self.config.to_json(),
                 "options": json.dumps(asdict(self.opts), default=str)}
         atomic_write(out / STATE_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
-        extra = {"step": str(self.step), "train": json.dumps(self.opts.extra, default=str)}
-        checkpoints.save(self.model, out, extra_metadata=extra)
-        if self.ema is not None:
-            ema_model = Jet(self.config)
-            ema_model.load_state_dict(self.ema)
-            checkpoints.save(ema_model, out / EMA_DIR, extra_metadata=extra)
 
     def resume(self) -> None:
         """Continue from `state.safetensors` in the run folder: weights, Adam state, EMA and step. The
