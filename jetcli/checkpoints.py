@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from jetcli.config import SPATIAL_PROJS, JetConfig
+from jetcli.fileio import atomic_write
 from jetcli.model import Jet, spatial_order
 
 FORMAT = "jetcli"
@@ -44,20 +44,6 @@ READ_BACKEND = "pread"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match its model."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # =========================================================================== own format
