@@ -35,22 +35,29 @@ class ImageError(ValueError):
     """An image file that cannot be used."""
 
 
+# Pillow's parsers meet malformed files with many exception types (OSError, ValueError, SyntaxError, but
+# also TypeError, KeyError, IndexError, struct.error... from deep inside a plugin): on untrusted bytes,
+# any of them means "not a readable image".
+MALFORMED = Exception
+
+
 def read_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
     """Decode an image file (a path, or its bytes) to uint8 RGB (H, W, 3) under the policy above."""
     name = name or _name(source)
     with _open(source, name) as im:
         try:
             im.load()
-        except (OSError, ValueError, SyntaxError) as e:
+            rgba = np.asarray(im.convert("RGBA")) if "A" in im.mode or "transparency" in im.info else None
+            rgb = None if rgba is not None else np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+        except MALFORMED as e:
             raise ImageError(f"{name}: cannot decode the image ({_one_line(e)})") from None
-        if "A" in im.mode or "transparency" in im.info:
-            rgba = np.asarray(im.convert("RGBA"))
+        if rgba is not None:
             transparent = int((rgba[..., 3] != 255).sum())
             if transparent:
                 raise ImageError(f"{name}: {transparent} pixel(s) not fully opaque; jet reads RGB only "
                                  "(flatten the image onto a background first)")
             return np.ascontiguousarray(rgba[..., :3])
-        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8).copy()
+        return np.array(rgb, dtype=np.uint8)
 
 
 def probe(source: str | Path | bytes, name: str | None = None) -> tuple[int, int]:
@@ -76,13 +83,16 @@ def _open(source: str | Path | bytes, name: str) -> Image.Image:
         raise ImageError(f"{name}: is a folder, not an image") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except MALFORMED as e:
         raise ImageError(f"{name}: not a readable image ({_one_line(e)})") from None
     try:
         _check_mode(im, name)
     except ImageError:
         im.close()
         raise
+    except MALFORMED as e:  # counting frames parses further into the file
+        im.close()
+        raise ImageError(f"{name}: not a readable image ({_one_line(e)})") from None
     return im
 
 
