@@ -1,0 +1,92 @@
+"""benchmarks/run.py: its FLOP formula, and both commands end to end on a tiny config (no timing is
+checked here: timings belong in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from jetcli import Jet, preset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "benchmarks" / "run.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmarks_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize("name", ["tiny-16", "cpu-32"])
+def test_flop_formula_matches_torch_flop_counter(name):
+    bench = load_script()
+    cfg = preset(name)
+    model = Jet(cfg).eval()
+    x = torch.rand(2, *cfg.image_size, cfg.channels)
+    # The math SDPA kernel is made of bmm's, which the counter sees; the flash kernel is not counted.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x)
+    assert counter.get_total_flops() == 2 * bench.matmul_flops_per_image(cfg)
+
+
+def test_speed_runs_on_a_tiny_config(tmp_path):
+    result = run_script("speed", "--preset", "tiny-16", "--batch", "4", "--pairs", "2", "--matmul-seconds", "0.05",
+                        "--json", "--out", str(tmp_path / "speed.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(result.stdout)
+    assert json.loads((tmp_path / "speed.json").read_text()) == data
+    rows = {(r["task"], r["contender"]): r for r in data["results"]}
+    tasks = ("train", "bpd", "sample", "encode", "decode")
+    port = importlib.util.find_spec("jet_pytorch") is not None
+    expected = {(t, "jetcli fp32") for t in tasks} | {(t, "jetcli fast") for t in ("train", "bpd", "sample")}
+    expected |= {(t, "jet-pytorch") for t in tasks} if port else set()
+    assert set(rows) == expected  # in particular: never bf16 on the lossless encode/decode path
+    for row in rows.values():
+        assert len(row["images_per_s_rounds"]) == 2 and row["images_per_s"] > 0 and row["gflop_per_s"] > 0
+        assert ("ratio_vs_port" in row) == (port and row["contender"] != "jet-pytorch")
+    rates = data["matmul_rates_gflop_per_s"]
+    assert rates["fp32 peak"] > 0 and rates["bf16 peak"] > 0
+    agreement = data["agreement"]
+    assert agreement["max_abs_bpd_diff"]["jetcli fast"] < 0.05
+    if port:  # the same weights: the port computes the same function
+        assert agreement["latent_relative_error"] < 1e-5
+        assert agreement["max_abs_bpd_diff"]["jet-pytorch"] < 1e-4
+
+
+def test_curve_runs_on_a_tiny_config(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "images.npz"
+    np.savez(data, train_images=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8),
+             test_images=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
+    result = run_script("curve", "--preset", "tiny-16", "--data", str(data), "--steps", "4", "--batch", "4",
+                        "--eval-every", "2", "--eval-images", "8", "--out", str(tmp_path / "curve"), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    saved = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert saved["summary"] == summary
+    assert set(saved["runs"]) == {"fp32", "fast", "fp32 seed 1"}
+    fp32, fast = saved["runs"]["fp32"], saved["runs"]["fast"]
+    assert fp32["eval_step"] == [2, 4] and len(fp32["train_bpd"]) == 4
+    # Same seed, data and noise: the first step's loss differs only by the ViTs' bf16 rounding.
+    assert fp32["train_bpd"][0] != saved["runs"]["fp32 seed 1"]["train_bpd"][0]
+    assert abs(fp32["train_bpd"][0] - fast["train_bpd"][0]) < 1e-2
+    assert (tmp_path / "curve" / "curve.png").stat().st_size > 1000
