@@ -40,7 +40,7 @@ from rich.table import Table
 from jetcli import Jet, JetConfig, checkpoints, preset
 from jetcli.codec import exact_arithmetic
 from jetcli.likelihood import bits_per_dim, dequantize
-from jetcli.model import Linear
+from jetcli.kernels import Linear
 from jetcli.precision import compute_context
 
 REPO = Path(__file__).resolve().parents[1]

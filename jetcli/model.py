@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jetcli.config import JetConfig
+from jetcli.kernels import Linear, softmax_attention
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -91,30 +92,6 @@ class Split(nn.Module):
 
 
 # --------------------------------------------------------------------------- the ViT
-class Linear(nn.Linear):
-    """nn.Linear whose CPU products run on oneDNN, as a 1x1 convolution over rows of tokens.
-
-    PyTorch sends float32 CPU matmuls to MKL, which takes its AVX2 path on AMD CPUs; the same product
-    as a channels-last 1x1 convolution runs on oneDNN's AVX-512 kernels: about 2x faster there, still
-    IEEE float32 (BENCHMARKS.md). Deterministic mode (the lossless codec) keeps the plain
-    matmul, because PyTorch picks the convolution kernel by batch size and thread count.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dim() != 3 or x.dtype not in (torch.float32, torch.bfloat16)
-                or torch.are_deterministic_algorithms_enabled()):
-            return super().forward(x)
-        images = x.unsqueeze(1).permute(0, 3, 1, 2)  # b images of 1 x n pixels, channels-last
-        y = F.conv2d(images, self.weight[:, :, None, None], self.bias)
-        return y.permute(0, 2, 3, 1).reshape(*x.shape[:2], -1)
-
-
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v (PyTorch's CPU softmax accumulates bf16 inputs in float32)."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    return scores.softmax(dim=-1) @ v
-
-
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
