@@ -1,4 +1,5 @@
-"""CPU-fast equivalents of the ViT's two hot operations; the model reads the same without them.
+"""CPU-fast equivalents of the ViT's two hot operations, and the float32 head of fast mode; the model
+reads the same without them.
 
 See BENCHMARKS.md for the measurements behind each.
 """
@@ -26,6 +27,18 @@ class Linear(nn.Linear):
         images = x.unsqueeze(1).permute(0, 3, 1, 2)  # b images of 1 x n pixels, channels-last
         y = F.conv2d(images, self.weight[:, :, None, None], self.bias)
         return y.permute(0, 2, 3, 1).reshape(*x.shape[:2], -1)
+
+
+class Float32Linear(Linear):
+    """A Linear that keeps its weights' precision under autocast: the ViT's head.
+
+    Its outputs are the coupling's bias and scale, which enter z and the logdet directly. In fast mode,
+    computing them in bf16 tripled the bpd error against float32, for ~1% of the FLOPs (BENCHMARKS.md).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype))
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

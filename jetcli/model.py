@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jetcli.config import JetConfig
-from jetcli.kernels import Linear, softmax_attention
+from jetcli.kernels import Float32Linear, Linear, softmax_attention
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -154,7 +154,7 @@ class ViT(nn.Module):
         self.posemb = nn.Parameter(torch.randn(1, cfg.num_patches, cfg.width) / math.sqrt(cfg.width))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.block_depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.final_proj = Linear(cfg.width, 2 * half)
+        self.final_proj = Float32Linear(cfg.width, 2 * half)  # float32 even in fast mode
         nn.init.zeros_(self.final_proj.weight)  # zero init: every coupling starts as the identity
         nn.init.zeros_(self.final_proj.bias)
 
