@@ -87,7 +87,15 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 def build(config: JetConfig, state: dict[str, torch.Tensor], source: str) -> Jet:
     """A Jet from a config and a state dict in jetcli's layout, refusing any mismatch."""
     check_size(config, {k: tuple(v.shape) for k, v in state.items()}, source)
-    return fill(Jet(config), state, source)
+    return fill(unfilled(config), state, source)
+
+
+def unfilled(config: JetConfig) -> Jet:
+    """A Jet with uninitialised storage, for a checkpoint to fill: no random init that loading would
+    throw away (building and filling the 200M-parameter ImageNet64 model: 1.3 s -> 0.4 s here)."""
+    with torch.device("meta"):
+        model = Jet(config)
+    return model.to_empty(device="cpu")
 
 
 def check_size(config: JetConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
@@ -354,7 +362,7 @@ def jet_pytorch_config(state: dict[str, torch.Tensor], source: str = "jet-pytorc
 def from_jet_pytorch(state: dict[str, torch.Tensor], source: str = "jet-pytorch state", **overrides) -> Jet:
     """A Jet from a jet-pytorch 0.0.2 state dict (its `Jet.state_dict()` layout)."""
     config = jet_pytorch_config(state, source, **overrides)
-    model = Jet(config)
+    model = unfilled(config)
     ours, used, seen = {}, set(_JP_PROJECTIONS.values()), {"channels": 0, "spatial": 0}
     for i, (kind, _) in enumerate(config.plan()):
         name, k = _JP_PROJECTIONS[kind], seen[kind]

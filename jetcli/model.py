@@ -40,13 +40,13 @@ def unpatchify(x: torch.Tensor, p: int, image_size: tuple[int, int]) -> torch.Te
 # --------------------------------------------------------------------------- splits
 def channel_permutation(dim: int, generator: torch.Generator) -> torch.Tensor:
     """A fixed random permutation of the patch dims: x1, x2 = halves of x[..., perm]."""
-    return torch.randperm(dim, generator=generator)
+    return torch.randperm(dim, generator=generator, device="cpu")  # index data: on the CPU, like the generator
 
 
 def spatial_order(kind: str, nh: int, nw: int) -> torch.Tensor:
     """Token order whose first half is kept (x1) and second half transformed (x2)."""
     n = nh * nw
-    idx = torch.arange(n)
+    idx = torch.arange(n, device="cpu")
     row = idx // nw
     if kind.startswith("checkerboard"):  # big_vision's formula (a true checkerboard when nw is even)
         first = (idx + row) % 2 == 0

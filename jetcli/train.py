@@ -69,7 +69,7 @@ class TrainOptions:
     warmup: float = 0.1  # fraction of the steps
     clip: float = 1.0
     ema: float | None = None  # e.g. 0.999; saved beside the weights in ema/
-    precision: str = "fp32"  # "fp32" or "fast"; see resolve_precision
+    precision: str = "fp32"  # "fp32" or "fast"; see jetcli.precision
     seed: int = 0
     eval_every: int = 500
     ckpt_every: int = 500
@@ -78,13 +78,6 @@ class TrainOptions:
     device: str = "cpu"
     compile: bool = False
     extra: dict = field(default_factory=dict)  # data sources and command, for resuming and the model card
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto = bf16 autocast ("fast") on CUDA, float32 elsewhere."""
-    if precision == "auto":
-        return "fast" if device.type == "cuda" else "fp32"
-    return precision
 
 
 def warmup_steps(total: int, warmup: float) -> int:
@@ -102,8 +95,12 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
 
 
 def make_optimizer(model: Jet, opts: TrainOptions) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=opts.betas, eps=1e-8,
-                             weight_decay=opts.weight_decay / opts.lr)
+    params = list(model.parameters())
+    settings = dict(lr=opts.lr, betas=opts.betas, eps=1e-8, weight_decay=opts.weight_decay / opts.lr)
+    try:  # one fused kernel over all tensors: 2-3x faster than the per-tensor loop torch defaults to on CPU
+        return torch.optim.AdamW(params, fused=True, **settings)
+    except RuntimeError:  # torch < 2.4 has no fused AdamW on the CPU
+        return torch.optim.AdamW(params, **settings)
 
 
 # --------------------------------------------------------------------------- processes

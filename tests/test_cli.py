@@ -30,6 +30,7 @@ from jetcli import JetConfig, __version__, checkpoints, hub
 from jetcli.cli import app
 from jetcli.images import covered, grid, png_bytes, tiles
 from jetcli.likelihood import image_bits
+from jetcli.precision import resolve
 
 COMMANDS = ("train", "bpd", "sample", "encode", "decode", "info")
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
@@ -125,6 +126,16 @@ def test_help_lists_commands_and_each_has_a_worked_example(run):
     assert ok(run("--version")).output.strip().startswith(f"jet {__version__}")
 
 
+def test_option_parsing_errors_are_one_line_too(run):
+    user_error(run("sample", "-n", "0"), "'-n' / '--num'", "greater than or equal to 1", "sample --help)")
+    user_error(run("bpd", "x.png", "--samples", "many"), "'--samples'", "valid integer", "bpd --help)")
+    user_error(run("sample", "--bogus"), "No such option: --bogus")
+    user_error(run("sample", "--precision", "bf16"), "'bf16' is not one of 'auto', 'fp32', 'fast'")
+    user_error(run("bpd"), "Missing argument")
+    user_error(run("nosuch"), "No such command 'nosuch'", " --help)")
+    assert "Usage:" in run().output  # `jet` alone still prints the help
+
+
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(run, files):
     user_error(run("bpd", files / "missing.png", "-m", files / "own"), "missing.png: no such file")
     user_error(run("bpd", files / "even.png", "-m", files / "nothing"), "nothing: no such file or folder")
@@ -140,8 +151,8 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(run, files):
 def test_bpd_json_matches_the_library_on_tiles_and_png(run, files, jet):
     images = [files / "ragged.png", files / "even.png"]
     result = json.loads(ok(run("bpd", *images, "-m", files / "own", "--json")).stdout)
-    assert set(result) == {"model", "images", "mean_bpd", "sem"}
-    assert result["model"] == str(files / "own")
+    assert set(result) == {"model", "precision", "images", "mean_bpd", "sem"}
+    assert result["model"] == str(files / "own") and result["precision"] == "fp32"  # the default: exact numbers
     expected = reference_bits(jet, images)
     tile_bpds = np.concatenate(expected)
     # ragged 40x50 -> 2x3 tiles of 16x16, the 8-row and 2-column remainders dropped; even 32x48 -> 2x3
@@ -165,13 +176,19 @@ def test_bpd_same_in_all_three_checkpoint_layouts(run, files):
     assert bv != means[0] and abs(bv - means[0]) < 0.05
 
 
-def test_bpd_seed_and_samples(run, files):
+def test_bpd_seed_samples_and_precision(run, files):
+    def bpd(*args):
+        return json.loads(ok(run("bpd", files / "even.png", "-m", files / "own", "--json", *args)).stdout)
+
     def mean(*args):
-        return json.loads(ok(run("bpd", files / "even.png", "-m", files / "own", "--json", *args)).stdout)["mean_bpd"]
+        return bpd(*args)["mean_bpd"]
 
     assert mean("--seed", "1") == mean("--seed", "1") != mean("--seed", "2")
     assert mean("--samples", "3") != mean()
     assert mean("--batch-size", "4") == pytest.approx(mean(), abs=1e-6)
+    fast = bpd("--precision", "fast")
+    assert fast["precision"] == "fast" and fast["mean_bpd"] != mean() and abs(fast["mean_bpd"] - mean()) < 0.01
+    assert bpd("--precision", "auto")["precision"] == resolve("auto", "cpu")
 
 
 def test_bpd_folders_stdin_lists_csv_and_table(run, files, tmp_path):
@@ -202,7 +219,7 @@ def test_bpd_refuses_images_smaller_than_a_tile(run, files):
 # --------------------------------------------------------------------------- sample
 def test_sample_grid_folder_seed_and_overwrite(run, files, tmp_path):
     own = files / "own"
-    ok(run("sample", "-n", "5", "-t", "0.8", "-o", "grid.png", "-m", own, "--batch-size", "2"))
+    first_run = ok(run("sample", "-n", "5", "-t", "0.8", "-o", "grid.png", "-m", own, "--batch-size", "2"))
     first = pixels("grid.png")
     assert first.shape == (2 * 18 + 2, 3 * 18 + 2, 3)  # 5 samples: 2 rows x 3 columns, 2 px padding
     user_error(run("sample", "-n", "5", "-o", "grid.png", "-m", own), "grid.png: exists; pass --force")
@@ -216,6 +233,13 @@ def test_sample_grid_folder_seed_and_overwrite(run, files, tmp_path):
     assert [p.name for p in singles] == [f"sample_{i:03d}.png" for i in range(5)]
     assert np.array_equal(grid(np.stack([pixels(p) for p in singles])), first)
     user_error(run("sample", "-n", "2", "-o", "grid.jpg", "-m", own), "give a .png file")
+    # the default precision is auto; fp32 and fast draw the same latents, so the images barely differ
+    assert f"temperature 0.8, {resolve('auto', 'cpu')})" in first_run.stderr
+    exact = ok(run("sample", "-n", "5", "-t", "0.8", "-o", "fp32.png", "-m", own, "--precision", "fp32"))
+    fast = ok(run("sample", "-n", "5", "-t", "0.8", "-o", "fast.png", "-m", own, "--precision", "fast"))
+    assert "fp32) to fp32.png" in exact.stderr and "fast) to fast.png" in fast.stderr
+    difference = np.abs(pixels("fp32.png").astype(int) - pixels("fast.png").astype(int))
+    assert 0 < difference.max() <= 8
 
 
 # --------------------------------------------------------------------------- encode / decode

@@ -32,7 +32,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     np.save(tmp_path / "photos.npy", np.random.default_rng(1).integers(0, 256, (24, 20, 20, 3), dtype=np.uint8))
     args = ["train", str(tmp_path / "photos.npy"), "--crop", "16", "--val-fraction", "0.25", "--preset", "tiny-16",
             "--couplings", "2", "--batch-size", "8", "--steps", "4", "--warmup", "0", "--lr", "1e-3",
-            "--eval-every", "2", "--ckpt-every", "2", "--ema", "0.9", "--device", "cpu"]
+            "--eval-every", "2", "--ckpt-every", "2", "--ema", "0.9", "--device", "cpu", "--precision", "fp32"]
 
     single = CliRunner().invoke(__import__("jetcli.cli", fromlist=["app"]).app, args + ["-o", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output

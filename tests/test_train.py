@@ -22,9 +22,8 @@ from jetcli import checkpoints, publish
 from jetcli.config import preset
 from jetcli.data import ImageSet
 from jetcli.model import Jet
-from jetcli.precision import compute_context
-from jetcli.train import (STATE_NAME, Trainer, TrainOptions, lr_factor, make_optimizer, read_metrics,
-                          resolve_precision, saved_run)
+from jetcli.precision import compute_context, resolve
+from jetcli.train import STATE_NAME, Trainer, TrainOptions, lr_factor, make_optimizer, read_metrics, saved_run
 
 CONFIG = preset("tiny-16").replace(couplings=2)
 PIXELS = np.random.default_rng(0).integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
@@ -131,9 +130,21 @@ def test_ema_is_kept_and_saved_beside(tmp_path):
     assert all(torch.equal(ema.state_dict()[k], trainer.ema[k]) for k in expected)
 
 
-def test_precision_auto_and_fast_keep_loss_in_float32(tmp_path):
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert resolve_precision("auto", torch.device("cuda")) == "fast"
+def test_precision_auto_is_fast_only_where_bf16_is_native(monkeypatch):
+    for avx512_bf16, amx, expected in ((True, False, "fast"), (False, True, "fast"), (False, False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert resolve("auto", torch.device("cpu")) == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, expected in (((8, 0), "fast"), ((9, 0), "fast"), ((7, 5), "fp32")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve("auto", "cuda") == expected
+    assert resolve("fp32", "cuda") == "fp32" and resolve("fast", "cpu") == "fast"
+    with pytest.raises(ValueError, match="precision"):
+        resolve("bf16", "cpu")
+
+
+def test_fast_keeps_loss_in_float32(tmp_path):
     x = torch.rand(4, 16, 16, 3) * 2 - 1
     model = make_trainer(tmp_path).model
     with torch.no_grad():
@@ -243,7 +254,7 @@ def test_cli_train_then_resume_with_the_runs_own_options(tmp_path, data_file):
     assert result.exit_code == 0, result.output
     assert (out / "curves.png").exists() and (out / "samples.png").exists()
     assert checkpoints.load(out).config.couplings == 2
-    assert saved_run(out)[1]["precision"] == "fp32"  # auto on CPU
+    assert saved_run(out)[1]["precision"] == resolve("auto", "cpu")
 
     result = run_cli("train", "--resume", "-o", out, "--lr", "3e-4")
     assert result.exit_code == 2 and "--lr 0.0003 (the run has 0.001)" in result.output
