@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -87,6 +88,11 @@ def user_errors(fn):
     return wrapper
 
 
+def one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings (a damaged image's skipped metadata, ...) as one line each, without source excerpts."""
+    err.print(f"[yellow]warning:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
+
+
 def version_callback(value: bool):
     if value:
         typer.echo(f"jet {__version__} (torch {torch.__version__})")
@@ -100,6 +106,8 @@ def main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ):
     STATE["debug"] = debug
+    if not debug:
+        warnings.showwarning = one_line_warning
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -17,6 +17,8 @@ Which files are read, and how (the same policy for every command):
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import warnings
 from pathlib import Path
@@ -35,6 +37,10 @@ class ImageError(ValueError):
     """An image file that cannot be used."""
 
 
+class ImageWarning(UserWarning):
+    """A readable image file that Pillow found damaged (metadata it skipped)."""
+
+
 # Pillow's parsers meet malformed files with many exception types (OSError, ValueError, SyntaxError, but
 # also TypeError, KeyError, IndexError, struct.error... from deep inside a plugin): on untrusted bytes,
 # any of them means "not a readable image".
@@ -44,7 +50,7 @@ MALFORMED = Exception
 def read_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
     """Decode an image file (a path, or its bytes) to uint8 RGB (H, W, 3) under the policy above."""
     name = name or _name(source)
-    with _open(source, name) as im:
+    with _open(source, name) as im, _named_warnings(name):
         try:
             im.load()
             rgba = np.asarray(im.convert("RGBA")) if "A" in im.mode or "transparency" in im.info else None
@@ -70,10 +76,13 @@ def _open(source: str | Path | bytes, name: str) -> Image.Image:
     """Open lazily (header only) and refuse what the policy refuses."""
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_PIXELS and twice that: make the whole range an error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _named_warnings(name):
             im = Image.open(fp)
+            try:
+                _check_mode(im, name)
+            except BaseException:
+                im.close()
+                raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{name}: refused as a possible decompression bomb (its header declares more "
                          f"than {MAX_PIXELS:,} pixels)") from None
@@ -83,17 +92,29 @@ def _open(source: str | Path | bytes, name: str) -> Image.Image:
         raise ImageError(f"{name}: is a folder, not an image") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
-    except MALFORMED as e:
-        raise ImageError(f"{name}: not a readable image ({_one_line(e)})") from None
-    try:
-        _check_mode(im, name)
-    except ImageError:
-        im.close()
+    except ImageError:  # the policy's refusals
         raise
     except MALFORMED as e:  # counting frames parses further into the file
-        im.close()
         raise ImageError(f"{name}: not a readable image ({_one_line(e)})") from None
     return im
+
+
+@contextlib.contextmanager
+def _named_warnings(name: str):
+    """Pillow warns about damaged metadata it skips (a TIFF tag past the end of the file, ...), once per
+    tag and pointing into its own source: pass the first on as an ImageWarning that names the file. Pillow
+    only warns between MAX_PIXELS and twice that about bombs: there, the whole range is an error."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+    if caught:
+        _warn_once(f"{name}: {_one_line(caught[0].message)}")
+
+
+@functools.cache  # a file is opened more than once (header, then pixels): say it once
+def _warn_once(message: str) -> None:
+    warnings.warn(message, ImageWarning, stacklevel=2)
 
 
 def _check_mode(im: Image.Image, name: str) -> None:

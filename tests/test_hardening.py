@@ -17,12 +17,14 @@ Images (bpd, encode; `jet train` reads folders with the same reader)
   5. train on a folder holding one of: a truncated PNG, a text file named .png, an empty .png, a CMYK
      JPEG, a 16-bit PNG, an RGBA PNG with one transparent pixel, a PNG bomb; a folder with no images;
      images of two sizes without --crop; --crop larger than the images; --crop 0
-  6. train reads grey, bilevel, palette and opaque RGBA/LA images as the RGB pixels jetcli.images documents
+  6. train reads grey, bilevel, palette and opaque RGBA/LA images as the RGB pixels jetcli.images documents;
+     a TIFF whose unneeded description tag overruns the file is read with one `warning:` line naming it,
+     one whose strip offsets overrun it is refused with the error line alone
 Latents (decode)
   7. a header declaring 100000x100000x3 float32 over 64 bytes of data (must not try to allocate 112 GiB);
      a header declaring more data than follows; a header that is no longer a Python literal (one byte
      damaged); complex64, strings, a structured dtype, a 0-d scalar, a 4-d batch;
-     a PNG named .npy; a text file named .npy
+     a PNG named .npy; a text file named .npy (big-endian float latents are accepted: same pixels)
 Checkpoints (--model of bpd, sample, encode, decode and info: every case through every command)
   8. truncated, empty and random-bytes model.safetensors; config.json disagreeing with the stored config;
      the stored config disagreeing with the tensors (width 4096, 10**9 couplings: refused before any
@@ -253,6 +255,33 @@ def test_bad_image_files_are_refused_by_bpd_and_encode(world, here):
         shutil.copy(world / "good.png", folder / "a.png")
         Path(name).rename(folder / "deeper" / name)
         refused("bpd", folder, *model, expect=(f"{name}: ", reason), watch=(world,))
+
+
+def tiff_with_oversized_tag(pixels: np.ndarray, tag: int) -> bytes:
+    """A TIFF one of whose tags claims a million values: more than the file holds, so Pillow skips it."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="TIFF", tiffinfo={270: "a description stored out of line"})
+    data = bytearray(buffer.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, entry)[0] == tag:
+            struct.pack_into("<I", data, entry + 4, 10**6)
+            return bytes(data)
+    raise KeyError(tag)
+
+
+def test_damaged_metadata_is_one_warning_line_and_damaged_pixels_one_error(world, here):
+    pixels = np.asarray(Image.open(world / "good.png"))
+    Path("description.tif").write_bytes(tiff_with_oversized_tag(pixels, 270))  # ImageDescription: not needed
+    result = accepted("encode", "description.tif", "-o", "d.npy", "-m", world / "own")
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warned == ["warning: description.tif: Tag data larger than file. Skipping tag 270"], result.stderr
+    accepted("decode", "d.npy", "-o", "d.png", "-m", world / "own")
+    assert np.array_equal(np.asarray(Image.open("d.png")), pixels)
+    Path("strips.tif").write_bytes(tiff_with_oversized_tag(pixels, 273))  # StripOffsets: no pixels
+    error = refused("bpd", "strips.tif", "-m", world / "own", expect="strips.tif: not an image file")
+    assert "warning" not in CliRunner().invoke(app, ["bpd", "strips.tif", "-m", str(world / "own")]).stderr, error
 
 
 def test_misnamed_images_are_read_by_content(world, here):
