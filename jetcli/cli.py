@@ -38,25 +38,29 @@ out = Console()
 STATE = {"debug": False}
 
 
-# click's UsageError: typer >= 0.2x vendors its own click, older ones use click's; either way BadParameter's base.
-CLICK_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+# click's own exception base: typer >= 0.2x vendors its own click, older ones use click's.
+CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 class OneLineUsageErrors(TyperGroup):
-    """click reports its own usage errors (an unknown option, a value that does not parse or is out of
-    range) as a box under the usage text; jet reports them like every other user error: one line, exit 2."""
+    """click reports its own errors (an unknown option, a value that does not parse or is out of range)
+    as a box under the usage text; jet reports them like every other user error: one line, exit 2."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)  # an Exit's code, else None
-        except CLICK_USAGE_ERROR as e:
-            if e.ctx is None or type(e).__name__ == "NoArgsIsHelpError":  # `jet` alone: the help, as usual
-                raise
-            err.print(f"[bold red]error:[/] {escape(e.format_message())} (see {e.ctx.command_path} --help)",
-                      highlight=False, soft_wrap=True)
+        except CLICK_ERROR as e:
+            if type(e).__name__ != "NoArgsIsHelpError":  # `jet` alone: the help is printed already
+                ctx = getattr(e, "ctx", None)
+                hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+                err.print(f"[bold red]error:[/] {escape(e.format_message())}{hint}", highlight=False,
+                          soft_wrap=True)
             sys.exit(e.exit_code)
+        except typer.Abort:  # end of input at a prompt
+            err.print("aborted")
+            sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
 

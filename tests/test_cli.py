@@ -133,7 +133,8 @@ def test_option_parsing_errors_are_one_line_too(run):
     user_error(run("sample", "--precision", "bf16"), "'bf16' is not one of 'auto', 'fp32', 'fast'")
     user_error(run("bpd"), "Missing argument")
     user_error(run("nosuch"), "No such command 'nosuch'", " --help)")
-    assert "Usage:" in run().output  # `jet` alone still prints the help
+    alone = run()  # `jet` alone still prints the help, and exits 2 as click does
+    assert "Usage:" in alone.output and alone.exit_code == 2 and isinstance(alone.exception, SystemExit)
 
 
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(run, files):
