@@ -31,7 +31,7 @@ from jetcli.data import DataError
 from jetcli.fileio import atomic_write
 from jetcli.hub import HubError, LoadedModel
 from jetcli.images import IMAGE_SUFFIXES, ImageError
-from jetcli.precision import CHOICES, resolve
+from jetcli.precision import CHOICES, compute_context, resolve
 
 err = Console(stderr=True)
 out = Console()
@@ -535,7 +535,6 @@ def tile_count(path: Path, image_size: tuple[int, int], tile: tuple[int, int]) -
 def tile_bits(model, batch: np.ndarray, samples: int, generator: torch.Generator, precision: str) -> np.ndarray:
     """Per-tile bpd of uint8 tiles (n, h, w, 3)."""
     from jetcli.likelihood import image_bits
-    from jetcli.precision import compute_context
 
     device = next(model.parameters()).device
     with compute_context(device, precision):
@@ -631,26 +630,18 @@ def encode(
     from jetcli import codec
     from jetcli.images import read_rgb
 
-    inputs = inputs or ["-"]
-    pairs = plan_outputs(inputs, output, ".npy", force)
-    loaded = open_model(model, device)
-    with progress_bar(disable=len(pairs) == 1) as bar:
-        for source, dest in bar.track(pairs, description="encode"):
-            name = source_name(source)
-            pixels = read_rgb(read_input(source), name=name)
-            try:
-                result = codec.encode(loaded.model, pixels, verify=verify)
-            except CodecError as e:
-                raise CodecError(f"{name}: {e}") from None
-            buffer = io.BytesIO()
-            np.save(buffer, result.latent, allow_pickle=False)
-            where = write_output(dest, buffer.getvalue())
-            check = ("not verified (--no-verify)" if not verify else
-                     f"round trip verified, worst pixel error {result.margin:.2g} px before rounding")
-            if result.latent.dtype == np.float64:
-                check += f" (float32 missed by {result.float32_margin:.2g} px)"
-            err.print(f"{name} -> {where}: {pixels.shape[0]}x{pixels.shape[1]}, {result.latent.dtype} "
-                      f"latent, {check}", highlight=False, soft_wrap=True)
+    def encode_one(model, data: bytes, name: str) -> tuple[bytes, str]:
+        pixels = read_rgb(data, name=name)
+        result = codec.encode(model, pixels, verify=verify)
+        buffer = io.BytesIO()
+        np.save(buffer, result.latent, allow_pickle=False)
+        check = ("not verified (--no-verify)" if not verify else
+                 f"round trip verified, worst pixel error {result.margin:.2g} px before rounding")
+        if result.latent.dtype == np.float64:
+            check += f" (float32 missed by {result.float32_margin:.2g} px)"
+        return buffer.getvalue(), f"{pixels.shape[0]}x{pixels.shape[1]}, {result.latent.dtype} latent, {check}"
+
+    convert_each(inputs, output, ".npy", force, model, device, "encode", encode_one)
 
 
 @app.command()
@@ -678,19 +669,31 @@ def decode(
     from jetcli import codec
     from jetcli.images import png_bytes
 
+    def decode_one(model, data: bytes, name: str) -> tuple[bytes, str]:
+        result = codec.decode(model, read_latent(data))
+        return png_bytes(result.pixels), (f"{result.pixels.shape[0]}x{result.pixels.shape[1]} image (decoded "
+                                          f"values within {result.margin:.2g} px of the 8-bit grid)")
+
+    convert_each(inputs, output, ".png", force, model, device, "decode", decode_one)
+
+
+def convert_each(inputs: list[str] | None, output: str | None, suffix: str, force: bool, model: str | None,
+                 device: str, what: str, convert) -> None:
+    """encode's and decode's loop: every input (stdin when none) through `convert(model, bytes, name) ->
+    (output bytes, summary)` to its output file, a line on stderr for each. The outputs are all checked
+    before any work; the codec's refusals name the input."""
     inputs = inputs or ["-"]
-    pairs = plan_outputs(inputs, output, ".png", force)
+    pairs = plan_outputs(inputs, output, suffix, force)
     loaded = open_model(model, device)
     with progress_bar(disable=len(pairs) == 1) as bar:
-        for source, dest in bar.track(pairs, description="decode"):
+        for source, dest in bar.track(pairs, description=what):
             name = source_name(source)
             try:
-                result = codec.decode(loaded.model, read_latent(read_input(source)))
+                data, summary = convert(loaded.model, read_input(source), name)
             except CodecError as e:
                 raise CodecError(f"{name}: {e}") from None
-            where = write_output(dest, png_bytes(result.pixels))
-            err.print(f"{name} -> {where}: {result.pixels.shape[0]}x{result.pixels.shape[1]} image "
-                      f"(decoded values within {result.margin:.2g} px of the 8-bit grid)", highlight=False, soft_wrap=True)
+            where = write_output(dest, data)
+            err.print(f"{name} -> {where}: {summary}", highlight=False, soft_wrap=True)
 
 
 def read_latent(data: bytes) -> np.ndarray:
