@@ -17,6 +17,7 @@ and for jet-pytorch its heads and kinds pattern); `load(path, **overrides)` repl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -61,25 +62,26 @@ def save(model: Jet, path: str | os.PathLike, extra_metadata: dict[str, str] | N
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt", backend=READ_BACKEND) as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+    with _readable(path), safe_open(str(path), framework="pt", backend=READ_BACKEND) as f:
+        return f.metadata() or {}
 
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """The name and shape of every tensor, from the header alone."""
-    try:
-        with safe_open(str(path), framework="pt", backend=READ_BACKEND) as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+    with _readable(path), safe_open(str(path), framework="pt", backend=READ_BACKEND) as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
+    with _readable(path):
         return load_file(str(path), backend=READ_BACKEND)
+
+
+@contextlib.contextmanager
+def _readable(path: Path):
+    """Whatever safetensors raises on a missing, damaged or foreign file, as one CheckpointError."""
+    try:
+        yield
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
 
@@ -170,6 +172,21 @@ def load(path: str | os.PathLike, **overrides) -> Jet:
     a jet-pytorch file, `ln_eps=1e-5, gelu="exact"` to read big_vision weights with the port's
     numerics). For the own format, which stores its config, they must agree with it.
     """
+    weights, layout = identify(path)
+    if layout == "big_vision":
+        return from_big_vision(read_npz(weights), str(weights), **overrides)
+    if layout == FORMAT:
+        model = load_own(path)
+        _check_overrides(model.config, overrides, str(weights))
+        return model
+    pickled = weights.suffix.lower() in PICKLE_SUFFIXES
+    return from_jet_pytorch(read_pickled_state(weights) if pickled else load_state(weights), str(weights),
+                            **overrides)
+
+
+def identify(path: str | os.PathLike) -> tuple[Path, str]:
+    """The weights file a local checkpoint path names (a folder names its model.safetensors) and its
+    layout: "jetcli", "jet-pytorch" or "big_vision"."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -179,17 +196,13 @@ def load(path: str | os.PathLike, **overrides) -> Jet:
         path = path / WEIGHTS_NAME
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        return from_big_vision(read_npz(path), str(path), **overrides)
+        return path, "big_vision"
     if suffix in PICKLE_SUFFIXES:
-        return from_jet_pytorch(read_pickled_state(path), str(path), **overrides)
+        return path, "jet-pytorch"
     if suffix != ".safetensors":
         raise CheckpointError(f"{path}: unknown checkpoint format (expected a folder, .safetensors, "
                               f".npz, or a weights-only {'/'.join(PICKLE_SUFFIXES)})")
-    if read_metadata(path).get("format") == FORMAT:
-        model = load_own(path)
-        _check_overrides(model.config, overrides, str(path))
-        return model
-    return from_jet_pytorch(load_state(path), str(path), **overrides)
+    return path, FORMAT if read_metadata(path).get("format") == FORMAT else "jet-pytorch"
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:

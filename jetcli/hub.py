@@ -120,18 +120,6 @@ def checkpoint_in(folder: Path, spec: str) -> Path:
                    "want and pass its path to --model")
 
 
-def checkpoint_format(path: Path) -> str:
-    """Which of the layouts `checkpoints.load` reads a path is in (it has loaded already)."""
-    weights = path / checkpoints.WEIGHTS_NAME if path.is_dir() else path
-    if weights.suffix.lower() == ".npz":
-        return "big_vision"
-    if weights.suffix.lower() == ".safetensors" and \
-            checkpoints.read_metadata(weights).get("format") == checkpoints.FORMAT:
-        return "jetcli"
-    return "jet-pytorch"
-
-
 def _load(path: Path, name: str, origin: str) -> LoadedModel:
     model = checkpoints.load(path)
-    weights = path / checkpoints.WEIGHTS_NAME if path.is_dir() else path
-    return LoadedModel(model, name, origin, weights, checkpoint_format(path))
+    return LoadedModel(model, name, origin, *checkpoints.identify(path))
