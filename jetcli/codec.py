@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from jetcli.images import tiles
 from jetcli.model import Jet
 
 SAFE_MARGIN = 1 / 64  # px: the most a stored latent may miss its pixels by, on the encoding machine
@@ -212,7 +213,7 @@ def _tilewise(flow: _Flow, image: np.ndarray, step) -> np.ndarray:
     h, w = flow.model.config.image_size
     with exact_arithmetic(flow.device):
         out = [step(torch.from_numpy(batch).to(flow.device, flow.dtype)).cpu().numpy()
-               for batch in _batches(_to_tiles(image, h, w))]
+               for batch in _batches(tiles(image, (h, w)).copy())]  # a fresh writable copy for torch
     return _from_tiles(np.concatenate(out), *image.shape[:2])
 
 
@@ -224,15 +225,10 @@ def _margin(flow: _Flow, latent: np.ndarray, pixels: np.ndarray) -> float:
     return float(error.max()) if np.isfinite(error).all() else math.inf
 
 
-def _to_tiles(a: np.ndarray, h: int, w: int) -> np.ndarray:
-    """(H, W, C) -> (n, h, w, C) tiles in row-major order, a fresh writable copy for torch."""
-    H, W, C = a.shape
-    return a.reshape(H // h, h, W // w, w, C).transpose(0, 2, 1, 3, 4).reshape(-1, h, w, C).copy()
-
-
-def _from_tiles(tiles: np.ndarray, H: int, W: int) -> np.ndarray:
-    n, h, w, C = tiles.shape
-    return tiles.reshape(H // h, W // w, h, w, C).transpose(0, 2, 1, 3, 4).reshape(H, W, C)
+def _from_tiles(tiled: np.ndarray, H: int, W: int) -> np.ndarray:
+    """The inverse of `images.tiles` for an image that whole tiles cover."""
+    n, h, w, C = tiled.shape
+    return tiled.reshape(H // h, W // w, h, w, C).transpose(0, 2, 1, 3, 4).reshape(H, W, C)
 
 
 def _batches(tiles: np.ndarray):
