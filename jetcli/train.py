@@ -256,7 +256,7 @@ class Trainer:
         extra = {"step": str(self.step), "train": json.dumps(self.opts.extra, default=str)}
         checkpoints.save(self.model, out, extra_metadata=extra)
         if self.ema is not None:
-            ema_model = Jet(self.config)
+            ema_model = checkpoints.unfilled(self.config)  # no random init: the EMA fills every tensor
             ema_model.load_state_dict(self.ema)
             checkpoints.save(ema_model, out / EMA_DIR, extra_metadata=extra)
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
