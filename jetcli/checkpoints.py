@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from jetcli.config import SPATIAL_PROJS, JetConfig
-from jetcli.fileio import atomic_write
+from jetcli.fileio import atomic_write, one_line
 from jetcli.model import Jet, spatial_order
 
 FORMAT = "jetcli"
@@ -83,7 +83,7 @@ def _readable(path: Path):
     try:
         yield
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
 
 
 def build(config: JetConfig, state: dict[str, torch.Tensor], source: str) -> Jet:
@@ -211,7 +211,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except Exception as e:  # damaged bytes raise OSError, BadZipFile, SyntaxError, MemoryError (a lying header)...
-        raise CheckpointError(f"{path}: not a readable .npz of plain arrays ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable .npz of plain arrays ({one_line(e)})") from None
 
 
 def read_pickled_state(path: Path) -> dict[str, torch.Tensor]:
@@ -221,7 +221,7 @@ def read_pickled_state(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError... all mean "refused"
         # torch's message is a page that suggests weights_only=False; keep only the reason.
         reason = re.search(r"WeightsUnpickler error:\s*([^.\n]+)", str(e))
-        reason = reason[1] if reason else f"{type(e).__name__}: {_one_line(e)}"
+        reason = reason[1] if reason else f"{type(e).__name__}: {one_line(e)}"
         raise CheckpointError(f"{path}: refused: not a weights-only torch file ({reason}); "
                               "convert it to .safetensors") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -275,7 +275,7 @@ def finish_config(inferred: dict, overrides: dict, source: str) -> JetConfig:
     try:
         config = JetConfig(**fields)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: inferred config is invalid ({_one_line(e)})") from None
+        raise CheckpointError(f"{source}: inferred config is invalid ({one_line(e)})") from None
     if config.patch_dim != patch_dim or config.num_patches != tokens:
         raise CheckpointError(f"{source}: cannot infer the image geometry from {tokens} tokens of {patch_dim} "
                               "dims; pass image_size=, patch_size= and channels=")
@@ -302,18 +302,14 @@ def _config_from_json(text: str | None, what: str) -> JetConfig:
     try:
         return JetConfig.from_json(text)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{what} ({_one_line(e)})") from None
+        raise CheckpointError(f"{what} ({one_line(e)})") from None
 
 
 def _read_text(path: Path) -> str:
     try:
         return path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({_one_line(e)})") from None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{path}: unreadable ({one_line(e)})") from None
 
 
 # =========================================================================== jet-pytorch 0.0.2
@@ -507,7 +503,7 @@ def from_big_vision(params: dict[str, np.ndarray], source: str = "big_vision par
             try:
                 value = to_ours([a[i] for a in arrays], config)
             except (IndexError, ValueError) as e:
-                raise CheckpointError(f"{source}: {paths[0]} has an unexpected shape ({_one_line(e)})") from None
+                raise CheckpointError(f"{source}: {paths[0]} has an unexpected shape ({one_line(e)})") from None
             ours[f"couplings.{i}.vit.{our}"] = torch.from_numpy(np.asarray(value, dtype=np.float32))
     extra = sorted(set(params) - used)
     if extra:

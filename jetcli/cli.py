@@ -28,7 +28,7 @@ from jetcli.checkpoints import CheckpointError
 from jetcli.codec import CodecError
 from jetcli.config import PRESETS, JetConfig, preset
 from jetcli.data import DataError
-from jetcli.fileio import atomic_write
+from jetcli.fileio import atomic_write, one_line
 from jetcli.hub import HubError, LoadedModel
 from jetcli.images import IMAGE_SUFFIXES, ImageError
 from jetcli.precision import CHOICES, compute_context, resolve
@@ -94,7 +94,7 @@ def user_errors(fn):
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None):
     """Warnings (a damaged image's skipped metadata, ...) as one line each, without source excerpts."""
-    err.print(f"[yellow]warning:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
+    err.print(f"[yellow]warning:[/] {escape(one_line(message, None))}", highlight=False, soft_wrap=True)
 
 
 def version_callback(value: bool):
@@ -701,7 +701,7 @@ def read_latent(data: bytes) -> np.ndarray:
     try:
         latent = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # damaged bytes raise ValueError, SyntaxError, tokenize.TokenError, MemoryError...
-        raise CodecError(f"not a .npy latent ({' '.join(str(e).split())[:200]})") from None
+        raise CodecError(f"not a .npy latent ({one_line(e, 200)})") from None
     if not isinstance(latent, np.ndarray):
         raise CodecError("an .npz archive, not a .npy latent written by jet encode")
     if latent.dtype.kind == "f" and not latent.dtype.isnative:  # e.g. written on a big-endian machine

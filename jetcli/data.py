@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jetcli.fileio import one_line
 from jetcli.images import IMAGE_SUFFIXES, read_rgb
 
 NPZ_KEYS = ("train_images", "images", "x", "data")
@@ -80,7 +81,7 @@ def load_array(spec: str) -> np.ndarray:
     except DataError:
         raise
     except Exception as e:  # damaged bytes raise OSError, BadZipFile, SyntaxError, MemoryError (a lying header)...
-        raise DataError(f"{path}: not a readable numpy array file ({' '.join(str(e).split())})") from None
+        raise DataError(f"{path}: not a readable numpy array file ({one_line(e, None)})") from None
 
 
 # --------------------------------------------------------------------------- CIFAR-10 pickles
@@ -116,8 +117,7 @@ def load_cifar_batch(path: Path) -> np.ndarray:
         with open(path, "rb") as f:
             batch = ArrayUnpickler(f, encoding="bytes").load()
     except Exception as e:  # malformed bytes raise almost anything (KeyError, struct.error, MemoryError...)
-        reason = " ".join(str(e).split())
-        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {reason})") from None
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {one_line(e, None)})") from None
     data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
     if not isinstance(data, np.ndarray):
         raise DataError(f"{path}: not a CIFAR-10 python batch (no 'data' array)")

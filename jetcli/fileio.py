@@ -1,4 +1,5 @@
-"""Writing files safely: through a temporary file in the same folder, then an atomic rename."""
+"""Writing files safely: through a temporary file in the same folder, then an atomic rename; and the
+one-line reasons jet's errors give when a file cannot be used."""
 
 from __future__ import annotations
 
@@ -36,3 +37,9 @@ def remove_partial_writes(folder: str | os.PathLike, names: Iterable[str]) -> No
     for name in names:
         for tmp in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
             tmp.unlink(missing_ok=True)
+
+
+def one_line(error: BaseException, limit: int | None = 300) -> str:
+    """An exception's message folded onto one line, cut at `limit` characters (None: whole)."""
+    text = " ".join(str(error).split())
+    return text if limit is None else text[:limit]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from jetcli import checkpoints
 from jetcli.checkpoints import CheckpointError
+from jetcli.fileio import one_line
 from jetcli.model import Jet
 
 DEFAULT_PACKAGE = "jetcli.weights"
@@ -103,7 +104,7 @@ def fetch(repo: str, revision: str | None) -> Path:
     except RevisionNotFoundError:
         raise HubError(f"{where}: the repo has no revision {revision!r}") from None
     except (HfHubHTTPError, HFValidationError, OSError) as e:
-        raise HubError(f"{where}: cannot fetch from the Hub ({' '.join(str(e).split())[:300]})") from None
+        raise HubError(f"{where}: cannot fetch from the Hub ({one_line(e)})") from None
 
 
 def checkpoint_in(folder: Path, spec: str) -> Path:

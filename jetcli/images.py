@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from jetcli.fileio import atomic_write
+from jetcli.fileio import atomic_write, one_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -56,7 +56,7 @@ def read_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
             rgba = np.asarray(im.convert("RGBA")) if "A" in im.mode or "transparency" in im.info else None
             rgb = None if rgba is not None else np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
         except MALFORMED as e:
-            raise ImageError(f"{name}: cannot decode the image ({_one_line(e)})") from None
+            raise ImageError(f"{name}: cannot decode the image ({one_line(e)})") from None
         if rgba is not None:
             transparent = int((rgba[..., 3] != 255).sum())
             if transparent:
@@ -95,7 +95,7 @@ def _open(source: str | Path | bytes, name: str) -> Image.Image:
     except ImageError:  # the policy's refusals
         raise
     except MALFORMED as e:  # counting frames parses further into the file
-        raise ImageError(f"{name}: not a readable image ({_one_line(e)})") from None
+        raise ImageError(f"{name}: not a readable image ({one_line(e)})") from None
     return im
 
 
@@ -109,7 +109,7 @@ def _named_warnings(name: str):
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         yield
     if caught:
-        _warn_once(f"{name}: {_one_line(caught[0].message)}")
+        _warn_once(f"{name}: {one_line(caught[0].message)}")
 
 
 @functools.cache  # a file is opened more than once (header, then pixels): say it once
@@ -174,6 +174,3 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
 def _name(source: str | Path | bytes) -> str:
     return "<bytes>" if isinstance(source, bytes) else str(source)
 
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
