@@ -273,15 +273,12 @@ class Trainer:
         """Continue from `state.safetensors` in the run folder: weights, Adam state, EMA and step. The
         schedule and the data position follow from the step. (States written before the data randomness
         was keyed by position also hold rng.* tensors; they are not needed.)"""
-        path = self.opts.out / STATE_NAME
-        if not path.exists():
-            raise checkpoints.CheckpointError(f"{path}: no such file: nothing to resume")
-        tensors = checkpoints.load_state(path)
-        meta = checkpoints.read_metadata(path)
+        path, meta, config = run_state(self.opts.out)
         try:
-            config, step = JetConfig.from_json(meta["config"]), int(meta["step"])
+            step = int(meta["step"])
         except (KeyError, ValueError, TypeError) as e:
             raise checkpoints.CheckpointError(f"{path}: not a jet train state ({e})") from None
+        tensors = checkpoints.load_state(path)
         if step < 0:
             raise checkpoints.CheckpointError(f"{path}: not a jet train state (step {step})")
         if config != self.config:
@@ -393,14 +390,23 @@ RESUMABLE = KEPT_ON_RESUME + ("steps", "grad_accum", "eval_every", "ckpt_every",
 DATA_KEYS = ("data", "val", "val_fraction", "crop")
 
 
-def saved_run(out: Path) -> tuple[JetConfig, dict]:
-    """The config and the options (flat: data sources included) of the run in `out`."""
+def run_state(out: Path) -> tuple[Path, dict[str, str], JetConfig]:
+    """The state file of the run in `out`, its metadata and the config stored there."""
     path = Path(out) / STATE_NAME
     if not path.exists():
         raise checkpoints.CheckpointError(f"{path}: no such file: nothing to resume")
     meta = checkpoints.read_metadata(path)
     try:
-        config, options = JetConfig.from_json(meta["config"]), json.loads(meta["options"])
+        return path, meta, JetConfig.from_json(meta["config"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise checkpoints.CheckpointError(f"{path}: not a jet train state ({e})") from None
+
+
+def saved_run(out: Path) -> tuple[JetConfig, dict]:
+    """The config and the options (flat: data sources included) of the run in `out`."""
+    path, meta, config = run_state(out)
+    try:
+        options = json.loads(meta["options"])
     except (KeyError, ValueError, TypeError) as e:
         raise checkpoints.CheckpointError(f"{path}: not a jet train state ({e})") from None
     if not isinstance(options, dict) or not isinstance(options.get("extra") or {}, dict):
