@@ -142,6 +142,17 @@ def tiles(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return kept.reshape(rows, h, cols, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * cols, h, w, c)
 
 
+def pad_to_tiles(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An (H, W, C) image extended at the bottom and right to whole (h, w) tiles by repeating its last
+    row and column (edge padding: smooth, so the model codes the padding cheaply, and deterministic, so
+    decoding needs only the original H and W to cut it off again)."""
+    h, w = size
+    pad_h, pad_w = -image.shape[0] % h, -image.shape[1] % w
+    if not pad_h and not pad_w:
+        return image
+    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+
+
 def covered(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The top-left part of an image that whole (h, w) tiles cover."""
     h, w = size
