@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jetcli.errors import SettingError
 from jetcli.fileio import one_line
 from jetcli.images import IMAGE_SUFFIXES, read_rgb
 
@@ -47,6 +48,10 @@ IMAGENET_BATCH = re.compile(r".*data_batch_\d+\.npz")
 
 class DataError(ValueError):
     """Training data that cannot be used."""
+
+
+class DataSettingError(DataError, SettingError):
+    """Training data that a setting (the crop) does not fit; worded by field (jetcli.errors)."""
 
 
 # --------------------------------------------------------------------------- arrays
@@ -179,19 +184,21 @@ class ImageSet:
             if len(sizes) == 1:
                 self.images = torch.stack(photos)
             elif self.crop is None:
-                raise DataError(f"images have {len(sizes)} different sizes: use --crop S to train on crops")
+                raise DataSettingError("images have {count} different sizes: use {crop} S to train on crops",
+                                       count=len(sizes))
             else:
                 self.images = photos
         if not len(self.images):
             raise DataError("no images")
         if self.crop is not None:
             if self.crop < 1:
-                raise DataError(f"--crop {self.crop}: the crop size must be positive")
+                raise DataSettingError("{crop} {size}: the crop size must be positive", size=self.crop)
             sizes = [self.images.shape[1:3]] if isinstance(self.images, torch.Tensor) else \
                 [im.shape[:2] for im in self.images]
             small = min(sizes, key=min)
             if min(small) < self.crop:
-                raise DataError(f"--crop {self.crop} is larger than an image of size {small[0]}x{small[1]}")
+                raise DataSettingError("{crop} {size} is larger than an image of size {h}x{w}", size=self.crop,
+                                       h=small[0], w=small[1])
 
     def __len__(self) -> int:
         return len(self.images)

@@ -14,11 +14,13 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from jetcli import checkpoints
+from jetcli.errors import SettingError
 from jetcli.train import EMA_DIR, METRICS_NAME, STATE_NAME, read_metrics
+from jetcli.train.metrics import CURVES_NAME, SAMPLES_NAME
 
 CARD_NAME = "README.md"
 RUN_FILES = (checkpoints.WEIGHTS_NAME, checkpoints.CONFIG_NAME, f"{EMA_DIR}/{checkpoints.WEIGHTS_NAME}",
-             f"{EMA_DIR}/{checkpoints.CONFIG_NAME}", METRICS_NAME, "curves.png", "samples.png")
+             f"{EMA_DIR}/{checkpoints.CONFIG_NAME}", METRICS_NAME, CURVES_NAME, SAMPLES_NAME)
 
 
 def check_destination(repo_id: str) -> None:
@@ -26,11 +28,11 @@ def check_destination(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ValueError(f"--push-to-hub {repo_id!r}: not a Hub repo id ({e})") from None
+        raise SettingError("{push_to_hub} {repo!r}: not a Hub repo id ({reason})", repo=repo_id, reason=e) from None
     if repo_id.count("/") != 1:
-        raise ValueError(f"--push-to-hub {repo_id!r}: expected OWNER/NAME")
+        raise SettingError("{push_to_hub} {repo!r}: expected OWNER/NAME", repo=repo_id)
     if get_token() is None:
-        raise ValueError("--push-to-hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+        raise SettingError("{push_to_hub} needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
 
 
 def model_card(run: Path, repo_id: str) -> str:

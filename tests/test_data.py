@@ -67,7 +67,7 @@ def test_folder_errors(tmp_path):
         load_images(str(tmp_path / "missing"))
     Image.fromarray(images(1, 8, 8)[0]).save(tmp_path / "a.png")
     Image.fromarray(images(1, 8, 12)[0]).save(tmp_path / "b.png")
-    with pytest.raises(DataError, match="--crop"):
+    with pytest.raises(DataError, match="crop"):
         ImageSet(load_images(str(tmp_path)))
     with pytest.raises(DataError, match="larger than an image"):
         ImageSet(load_images(str(tmp_path)), crop=10)

@@ -79,7 +79,7 @@ from test_cli import converted_images, raw_png
 from typer.testing import CliRunner
 
 from jetcli import JetConfig, checkpoints, codec
-from jetcli import train as training
+from jetcli.train import loop as training_loop
 from jetcli.cli import app
 from jetcli.images import IMAGE_SUFFIXES
 
@@ -171,7 +171,7 @@ def no_huge_models(monkeypatch):
         return real(config)
 
     monkeypatch.setattr(checkpoints, "Jet", guarded)
-    monkeypatch.setattr(training, "Jet", guarded)
+    monkeypatch.setattr(training_loop, "Jet", guarded)
 
 
 @pytest.fixture(scope="module")

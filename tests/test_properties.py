@@ -32,7 +32,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from jetcli import JetConfig, checkpoints, codec
-from jetcli.cli import app, read_latent
+from jetcli.cli import app
+from jetcli.cli.decode import read_latent
 from jetcli.codec import CodecError
 from jetcli.data import DataError, load_images
 from jetcli.images import ImageError, read_rgb

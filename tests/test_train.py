@@ -345,7 +345,7 @@ def test_push_to_hub_checks_its_destination_before_training(monkeypatch):
     monkeypatch.setattr(publish, "get_token", lambda: "hf_test")
     publish.check_destination("someone/tiny-jet")
     for bad in ("no-owner", "a/b/c", "bad name/x"):
-        with pytest.raises(ValueError, match="push-to-hub"):
+        with pytest.raises(ValueError, match="push_to_hub"):
             publish.check_destination(bad)
     monkeypatch.setattr(publish, "get_token", lambda: None)
     with pytest.raises(ValueError, match="token"):

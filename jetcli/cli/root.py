@@ -1,0 +1,32 @@
+"""The `jet` app itself: its help, `--version` and `--debug`. Each command lives in its own module."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import typer
+
+from jetcli import __version__
+from jetcli.cli.errors import DEBUG, OneLineUsageErrors, one_line_warning
+
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="Jet normalizing flow: bits/dim, samples and lossless latents from the command line.")
+
+
+def version_callback(value: bool):
+    if value:
+        typer.echo(f"jet {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Optional[bool] = typer.Option(None, "--version", callback=version_callback, is_eager=True,
+                                           help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+):
+    DEBUG["on"] = debug
+    if not debug:
+        warnings.showwarning = one_line_warning

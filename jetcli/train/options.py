@@ -1,0 +1,84 @@
+"""The options of one training session, and the checks that they can run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jetcli.errors import SettingError
+
+
+@dataclass
+class TrainOptions:
+    out: Path
+    steps: int
+    batch_size: int = 64  # global: images per optimiser step, over all processes and micro-batches
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 1e-5  # big_vision semantics (see jetcli.train.schedule)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup: float = 0.1  # fraction of the steps
+    clip: float = 1.0
+    ema: float | None = None  # e.g. 0.999; saved beside the weights in ema/
+    precision: str = "fp32"  # "fp32" or "fast"; see jetcli.precision
+    seed: int = 0
+    eval_every: int = 500
+    ckpt_every: int = 500
+    log_every: int = 10
+    val_samples: int = 1
+    device: str = "cpu"
+    compile: bool = False
+    extra: dict = field(default_factory=dict)  # data sources and command, for resuming and the model card
+
+
+def check_options(opts: TrainOptions, world: int) -> None:
+    """Refuse options that cannot train, over `world` processes."""
+    counts = ("steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "log_every", "val_samples")
+    small = [name for name in counts if getattr(opts, name) < 1]
+    small += [name for name in ("lr", "clip") if not 0 < getattr(opts, name) < math.inf]
+    if small:
+        raise SettingError(", ".join(f"{{{name}}}" for name in small) + " must be positive and finite")
+    if not 0 <= opts.warmup < 1 or (opts.ema is not None and not 0 < opts.ema < 1):
+        raise SettingError("{warmup} must be in [0, 1) and {ema} in (0, 1)")
+    if opts.batch_size % world:
+        raise SettingError("batch size {batch} is not divisible by {world} processes", batch=opts.batch_size,
+                           world=world)
+    if opts.batch_size // world < opts.grad_accum:
+        raise SettingError("batch size {batch} over {world} process(es) is smaller than {grad_accum} {accum}",
+                           batch=opts.batch_size, world=world, accum=opts.grad_accum)
+
+
+@dataclass
+class RunSettings:
+    """What a training run is asked for, by field (`jet train`'s options): the model, the data, the
+    optimisation and where it all goes. `jetcli.train.session.start_run` turns them into a Trainer."""
+
+    data: str | None  # training images (jetcli.data.load_images); None when resuming: the run's
+    out: Path = Path("runs/jet")
+    preset_name: str = "small-32"
+    couplings: int | None = None  # these six override the preset
+    block_depth: int | None = None
+    width: int | None = None
+    heads: int | None = None
+    patch_size: int | None = None
+    kinds: str | None = None  # comma-separated, e.g. "channels,channels,spatial"
+    crop: int | None = None
+    val: str | None = None
+    val_fraction: float = 0.0
+    steps: int = 1000
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 1e-5
+    warmup: float = 0.1
+    clip: float = 1.0
+    ema: float | None = None
+    precision: str = "auto"  # jetcli.precision.CHOICES
+    compile: bool = False
+    seed: int = 0
+    eval_every: int = 500
+    ckpt_every: int = 500
+    resume: bool = False
+    device: str = "auto"
+    push_to_hub: str | None = None
