@@ -1,14 +1,12 @@
-"""Shared tiny fixtures: the repository paths and random non-identity Jets."""
+"""Shared tiny fixtures: the repository paths and random non-identity Jets (jetcli.testing)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
-import torch
 
-from jetcli import Jet, JetConfig, preset
+from jetcli.testing import random_jet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,20 +23,6 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path}")
     return path
-
-
-def random_jet(config: JetConfig | None = None, seed: int = 0, strength: float = 0.3) -> Jet:
-    """A Jet whose couplings are not the identity: every final projection is re-initialised with
-    normal noise so that bias and raw scale have a standard deviation of about `strength`."""
-    config = config or preset("tiny-16")
-    torch.manual_seed(seed)
-    model = Jet(config).eval()
-    with torch.no_grad():
-        for coupling in model.couplings:
-            proj = coupling.vit.final_proj
-            proj.weight.normal_(std=strength / math.sqrt(config.width))
-            proj.bias.normal_(std=strength)
-    return model
 
 
 @pytest.fixture(name="random_jet")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, random_jet
+from conftest import REPO_ROOT
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -31,6 +31,7 @@ from jetcli.cli import app
 from jetcli.images import covered, grid, png_bytes, tiles
 from jetcli.likelihood import image_bits
 from jetcli.precision import resolve
+from jetcli.testing import random_jet
 
 COMMANDS = ("train", "bpd", "sample", "encode", "decode", "info")
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}

@@ -71,7 +71,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_jet
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -79,9 +78,11 @@ from test_cli import converted_images, raw_png
 from typer.testing import CliRunner
 
 from jetcli import JetConfig, checkpoints, codec
+from jetcli.checkpoints import own as own_format
 from jetcli.train import loop as training_loop
 from jetcli.cli import app
 from jetcli.images import IMAGE_SUFFIXES
+from jetcli.testing import random_jet
 
 # jet-pytorch's numerics and heads, so the .bin in its layout loads back into the same function.
 CONFIG = JetConfig(image_size=(16, 16), couplings=2, block_depth=1, width=16, heads=8, ln_eps=1e-5, gelu="exact")
@@ -164,13 +165,13 @@ class Payload:
 @pytest.fixture(autouse=True)
 def no_huge_models(monkeypatch):
     """Fail (instead of allocating gigabytes on a shared machine) if a hostile config reaches Jet()."""
-    real = checkpoints.Jet
+    real = own_format.Jet
 
     def guarded(config):
         assert config.couplings <= 8 and config.width <= 64, f"a model was built from a hostile config {config}"
         return real(config)
 
-    monkeypatch.setattr(checkpoints, "Jet", guarded)
+    monkeypatch.setattr(own_format, "Jet", guarded)
     monkeypatch.setattr(training_loop, "Jet", guarded)
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from jetcli import Jet, JetConfig, preset
-from jetcli.checkpoints import matrix_from_order, to_jet_pytorch
+from jetcli.checkpoints import matrix_from_order
 from jetcli.config import PRESETS, SPATIAL_PROJS
-from jetcli.model import patchify, unpatchify
+from jetcli.model import patchify
+from jetcli.testing import port_forward, port_of
 
 TINY = JetConfig(image_size=(16, 16), patch_size=4, couplings=4, block_depth=1, width=32, heads=2)
 ALL_SPLITS = [("channels", "random")] + [("spatial", proj) for proj in SPATIAL_PROJS]
@@ -104,24 +105,6 @@ def test_split_merge_bit_exact_under_medium_precision(medium_matmul_precision):
 
 
 # --------------------------------------------------------------------------- jet-pytorch parity
-def port_of(model: Jet):
-    """jet-pytorch 0.0.2's Jet with the same architecture and weights."""
-    from jet_pytorch.jet import Jet as PortJet
-
-    cfg = model.config
-    port = PortJet(patch_size=cfg.patch_size, patch_dim=cfg.patch_dim, n_patches=cfg.num_patches,
-                   img_dims=cfg.image_size, coupling_layers=cfg.couplings, block_depth=cfg.block_depth,
-                   block_width=cfg.width, num_heads=cfg.heads, scale_factor=cfg.scale_factor,
-                   coupling_types=cfg.kinds, spatial_coupling_projs=cfg.spatial_projs)
-    port.load_state_dict(to_jet_pytorch(model), strict=True)
-    return port.eval()
-
-
-def port_forward(port, x: torch.Tensor):
-    z, logdet = port(x)  # the port returns patchified latents and (B, 1) logdets
-    return unpatchify(z, port.patch_size, (port.img_height, port.img_width)), logdet[:, 0]
-
-
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_jet
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
@@ -37,6 +36,7 @@ from jetcli.cli.decode import read_latent
 from jetcli.codec import CodecError
 from jetcli.data import DataError, load_images
 from jetcli.images import ImageError, read_rgb
+from jetcli.testing import random_jet
 
 BOUNDED = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                    derandomize=True)

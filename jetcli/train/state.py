@@ -53,7 +53,7 @@ def save_run(trainer: Trainer) -> None:
     extra = {"step": str(trainer.step), "train": json.dumps(trainer.opts.extra, default=str)}
     checkpoints.save(trainer.model, out, extra_metadata=extra)
     if trainer.ema is not None:
-        ema_model = checkpoints.unfilled(trainer.config)  # no random init: the EMA sets every tensor
+        ema_model = checkpoints.empty_model(trainer.config)  # no random init: the EMA sets every tensor
         ema_model.load_state_dict(trainer.ema)
         checkpoints.save(ema_model, out / EMA_DIR, extra_metadata=extra)
     tensors = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
@@ -82,7 +82,7 @@ def restore_run(trainer: Trainer) -> int:
     if config != trainer.config:
         raise CheckpointError(f"{path}: was trained with another model config")
     group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    checkpoints.fill(trainer.model, group("model."), str(path))  # refuses missing, misshapen or NaN
+    checkpoints.load_weights(trainer.model, group("model."), str(path))  # refuses missing, misshapen or NaN
     try:
         optim = trainer.optimizer.state_dict()
         optim["state"] = {}
