@@ -39,7 +39,7 @@ from rich.table import Table
 
 from jetcli import Jet, JetConfig, checkpoints, preset
 from jetcli.codec import exact_arithmetic
-from jetcli.kernels import Linear
+from jetcli.kernels import TunedLinear as Linear
 from jetcli.likelihood import bits_per_dim, dequantize
 from jetcli.model import patchify
 from jetcli.precision import compute_context

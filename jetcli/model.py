@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jetcli.config import JetConfig
-from jetcli.kernels import Float32Linear, Linear, softmax_attention
+from jetcli.kernels import Float32Linear, TunedLinear, attention
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -96,8 +96,8 @@ class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = Linear(width, 3 * width)  # rows: [query; key; value], torch MHA layout
-        self.out = Linear(width, width)
+        self.qkv = TunedLinear(width, 3 * width)  # rows: [query; key; value], torch MHA layout
+        self.out = TunedLinear(width, width)
         nn.init.xavier_uniform_(self.qkv.weight)
         nn.init.zeros_(self.qkv.bias)
         nn.init.xavier_uniform_(self.out.weight)
@@ -106,18 +106,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, w = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            y = softmax_attention(q, k, v)  # CPU's bf16 SDPA kernels are 2-4x slower at ViT token counts
-        else:
-            y = F.scaled_dot_product_attention(q, k, v)
+        y = attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(b, n, w))
 
 
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, gelu: str):
         super().__init__()
-        self.fc1 = Linear(width, hidden)
-        self.fc2 = Linear(hidden, width)
+        self.fc1 = TunedLinear(width, hidden)
+        self.fc2 = TunedLinear(hidden, width)
         self.approximate = "tanh" if gelu == "tanh" else "none"
         for fc in (self.fc1, self.fc2):
             nn.init.xavier_uniform_(fc.weight)
@@ -148,7 +145,7 @@ class ViT(nn.Module):
     def __init__(self, cfg: JetConfig):
         super().__init__()
         half = cfg.patch_dim // 2
-        self.init_proj = Linear(half, cfg.width)
+        self.init_proj = TunedLinear(half, cfg.width)
         nn.init.trunc_normal_(self.init_proj.weight, std=1 / math.sqrt(half))  # flax lecun_normal
         nn.init.zeros_(self.init_proj.bias)
         self.posemb = nn.Parameter(torch.randn(1, cfg.num_patches, cfg.width) / math.sqrt(cfg.width))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,9 @@ import pytest
 from jetcli.testing import random_jet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Kernel choices (jetcli.kernels) are cached per machine: tests keep theirs apart from the user's.
+os.environ.setdefault("JETCLI_CACHE_DIR", tempfile.mkdtemp(prefix="jetcli-kernels-"))
 
 
 @pytest.fixture(scope="session")
