@@ -24,6 +24,7 @@ from pathlib import Path
 
 from jetcli import checkpoints
 from jetcli.checkpoints import CheckpointError
+from jetcli.errors import SettingError
 from jetcli.fileio import one_line
 from jetcli.model import Jet
 
@@ -35,6 +36,11 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".npz", *checkpoints.PICKLE_SUFFIXES)
 
 class HubError(ValueError):
     """A Hub repo that cannot be fetched or holds no usable checkpoint."""
+
+
+class ModelChoiceError(HubError, CheckpointError, SettingError):
+    """No model without a choice of model (no default, a repo of several checkpoints): the message names
+    the setting by field, `{model}` (jetcli.errors)."""
 
 
 @dataclass(frozen=True)
@@ -74,11 +80,11 @@ def default_folder() -> Path:
     try:
         folder = Path(str(importlib.resources.files(DEFAULT_PACKAGE)))
     except ModuleNotFoundError:
-        raise CheckpointError("this jetcli install has no default model (package jetcli.weights is "
-                              "missing); pass --model PATH or --model owner/name") from None
+        raise ModelChoiceError("this jetcli install has no default model (package jetcli.weights is "
+                               "missing); pass {model} PATH or {model} owner/name") from None
     if not (folder / checkpoints.WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"no default model: {folder / checkpoints.WEIGHTS_NAME} is missing; "
-                              "pass --model PATH or --model owner/name")
+        raise ModelChoiceError("no default model: {weights} is missing; pass {model} PATH or {model} owner/name",
+                               weights=folder / checkpoints.WEIGHTS_NAME)
     return folder
 
 
@@ -117,8 +123,8 @@ def checkpoint_in(folder: Path, spec: str) -> Path:
     if not found:
         raise HubError(f"{spec}: the repo holds no .safetensors or .npz checkpoint")
     names = ", ".join(str(p.relative_to(folder)) for p in found)
-    raise HubError(f"{spec}: the repo holds {len(found)} checkpoints ({names}); download the one you "
-                   "want and pass its path to --model")
+    raise ModelChoiceError("{spec}: the repo holds {count} checkpoints ({names}); download the one you "
+                           "want and pass its path to {model}", spec=spec, count=len(found), names=names)
 
 
 def _load(path: Path, name: str, origin: str) -> LoadedModel:

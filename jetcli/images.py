@@ -41,12 +41,6 @@ class ImageWarning(UserWarning):
     """A readable image file that Pillow found damaged (metadata it skipped)."""
 
 
-# Pillow's parsers meet malformed files with many exception types (OSError, ValueError, SyntaxError, but
-# also TypeError, KeyError, IndexError, struct.error... from deep inside a plugin): on untrusted bytes,
-# any of them means "not a readable image".
-MALFORMED = Exception
-
-
 def read_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
     """Decode an image file (a path, or its bytes) to uint8 RGB (H, W, 3) under the policy above."""
     name = name or _name(source)
@@ -55,7 +49,10 @@ def read_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
             im.load()
             rgba = np.asarray(im.convert("RGBA")) if "A" in im.mode or "transparency" in im.info else None
             rgb = None if rgba is not None else np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-        except MALFORMED as e:
+        # Pillow's parsers meet malformed files with many exception types (OSError, ValueError, SyntaxError,
+        # but also TypeError, KeyError, IndexError, struct.error... from deep inside a plugin): on
+        # untrusted bytes, any of them means "not a readable image".
+        except Exception as e:
             raise ImageError(f"{name}: cannot decode the image ({one_line(e)})") from None
         if rgba is not None:
             transparent = int((rgba[..., 3] != 255).sum())
@@ -94,7 +91,7 @@ def _open(source: str | Path | bytes, name: str) -> Image.Image:
         raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
     except ImageError:  # the policy's refusals
         raise
-    except MALFORMED as e:  # counting frames parses further into the file
+    except Exception as e:  # counting frames parses further into the file (any type: see read_rgb)
         raise ImageError(f"{name}: not a readable image ({one_line(e)})") from None
     return im
 

@@ -35,7 +35,7 @@ def check_destination(repo_id: str) -> None:
         raise SettingError("{push_to_hub} needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
 
 
-def model_card(run: Path, repo_id: str) -> str:
+def model_card(run: Path, repo_id: str) -> str:  # long: most of it is the card's Markdown template
     """A README.md for the run in `run`, from its weights' metadata and its metrics."""
     run = Path(run)
     weights = run / checkpoints.WEIGHTS_NAME

@@ -21,7 +21,7 @@ DEFAULT = RunSettings(data=None)
 
 @app.command()
 @user_errors
-def train(
+def train(  # long only by its options: the body is parse, start_run, report
     ctx: typer.Context,
     data: Optional[str] = typer.Argument(
         None, help="Training images: a folder (image files, searched recursively; or CIFAR-10 / downsampled "
