@@ -13,8 +13,8 @@ flow, backward, and keeps the fastest. Choices are saved per machine and torch b
 (`cache_path()`), so a machine uses the same kernels, and computes the same numbers, from run to run.
 
 Not probed, the first route always: devices other than the CPU (cuBLAS and flash attention), torch's
-deterministic mode (the lossless codec: its numbers must not depend on a timing), code being compiled,
-and JETCLI_KERNELS=reference. GELU and LayerNorm have one route each: the alternatives measured
+deterministic mode (the lossless codec: its numbers must not depend on a timing), code being compiled
+or traced by a dispatch mode, and JETCLI_KERNELS=reference. GELU and LayerNorm have one route each: the alternatives measured
 (tanh-GELU as x·sigmoid(2u), compiled GELU, bf16 LayerNorm) were slower or changed the numbers.
 """
 
@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from jetcli.fileio import atomic_write
 
@@ -120,7 +121,8 @@ def choices() -> dict[str, str]:
 
 def probing_enabled(x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and os.environ.get("JETCLI_KERNELS", "") != "reference"
-            and not torch.are_deterministic_algorithms_enabled() and not torch.compiler.is_compiling())
+            and not torch.are_deterministic_algorithms_enabled() and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None)  # e.g. a FLOP counter: timing calls would be counted
 
 
 def choose(op: str, routes: dict[str, Callable], args: tuple) -> Callable:
