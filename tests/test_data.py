@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from jetcli.images import ImageError
-from jetcli.data import (DataError, ImageSet, image_indices, load_cifar_batch, load_datasets, load_images,
-                         sample_generator)
+from jetcli.data import (DataError, ImageSet, Stream, dequantize, item_keys, load_cifar_batch, load_datasets,
+                         load_images, noise)
+from jetcli.likelihood import BIN, to_model_space
 
 RNG = np.random.default_rng(0)
 
@@ -187,15 +188,16 @@ def photos(sizes):
     return out
 
 
-def test_crops_flips_and_split_by_whole_image():
+@pytest.mark.parametrize("flip", [False, True])
+def test_crops_flips_and_split_by_whole_image(flip):
     sizes = [(20 + i % 5, 24 + 3 * (i % 4)) for i in range(12)]
-    train, val = ImageSet(photos(sizes), crop=8).split(0.25, seed=3)
-    assert (len(train), len(val)) == (9, 3) and val.flip is False
-    train_ids = {int(im[0, 0, 0]) for im in train.images}
-    val_ids = {int(im[0, 0, 0]) for im in val.images}
+    train, val = ImageSet(photos(sizes), crop=8, flip=flip).split(0.25, seed=3)
+    assert (len(train), len(val)) == (9, 3) and val.flip is False and train.flip is flip
+    train_ids = {int(train.image(i)[0, 0, 0]) for i in range(len(train))}
+    val_ids = {int(val.image(i)[0, 0, 0]) for i in range(len(val))}
     assert not train_ids & val_ids and len(train_ids | val_ids) == 12
-    n, flipped, unflipped = 300, 0, 0
-    crops = train.batch(image_indices(len(train), 0, 0, n), [sample_generator(0, p) for p in range(n)]).numpy()
+    n, flipped, unflipped, corners = 300, 0, 0, set()
+    crops = Stream(train, seed=0).pixels(torch.arange(n)).numpy()
     assert crops.shape == (n, 8, 8, 3)
     for crop in crops:
         assert int(crop[0, 0, 0]) in train_ids and (crop[..., 0] == crop[0, 0, 0]).all()  # no val pixel
@@ -203,22 +205,103 @@ def test_crops_flips_and_split_by_whole_image():
         assert (np.diff(rows) == 1).all()  # a contiguous window
         flipped += (np.diff(cols) == -1).all()
         unflipped += (np.diff(cols) == 1).all()
-    assert flipped + unflipped == n and 100 < flipped < 200
+        corners.add((int(crop[0, 0, 0]), int(rows[0]), int(min(cols))))
+    assert flipped + unflipped == n and (100 < flipped < 200 if flip else flipped == 0)
+    assert len(corners) > 200  # crops at many places
     # Validation crops are fixed per image and never flipped.
-    val_crops = val.batch(torch.arange(3), [sample_generator(0, i, "val") for i in range(3)]).numpy()
+    val_crops = Stream(val, 0, "val", shuffle=False).pixels(torch.arange(3)).numpy()
     assert all((np.diff(c[0, :, 1].astype(int)) == 1).all() for c in val_crops)
+    assert np.array_equal(val_crops, Stream(val, 0, "val", shuffle=False).pixels(torch.arange(3)).numpy())
+
+
+def test_uniform_arrays_crop_and_flip_like_numpy_slicing():
+    """The vectorised gather against plain slicing, for a C-contiguous array and a strided CHW view."""
+    x = images(6, 12, 10)
+    chw = chw_rows(images(6, 12, 12)).reshape(6, 3, 12, 12).transpose(0, 2, 3, 1)
+    for array in (x, chw):
+        stream = Stream(ImageSet(array, crop=8, flip=True), seed=4)
+        positions = torch.arange(40)
+        got = stream.pixels(positions).numpy()
+        tops, lefts, mirrored = set(), set(), 0
+        for crop, index in zip(got, stream.indices(positions).tolist()):
+            image = array[index]
+            windows = [(t, l, m) for t in range(image.shape[0] - 7) for l in range(image.shape[1] - 7)
+                       for m in (False, True)
+                       if np.array_equal(crop, image[t:t + 8, l:l + 8][:, ::-1] if m else image[t:t + 8, l:l + 8])]
+            assert windows, "not a crop of its image"
+            tops.add(windows[0][0]), lefts.add(windows[0][1])
+            mirrored += windows[0][2]
+        assert len(tops) > 2 and len(lefts) > 2 and 5 < mirrored < 35
+    whole = Stream(ImageSet(x), seed=4)
+    assert np.array_equal(whole.pixels(torch.arange(6)).numpy(), x[whole.indices(torch.arange(6)).numpy()])
 
 
 def test_batches_are_a_pure_function_of_position():
     data = ImageSet(images(10, 8, 8))
-    whole = data.batch(image_indices(10, 5, 16, 8), [sample_generator(5, p) for p in range(16, 24)])
-    halves = [data.batch(image_indices(10, 5, f, 4), [sample_generator(5, p) for p in range(f, f + 4)])
-              for f in (16, 20)]
+    stream = Stream(data, seed=5)
+    whole = stream.batch(torch.arange(16, 24))
+    halves = [Stream(data, seed=5).batch(torch.arange(f, f + 4)) for f in (16, 20)]
     assert torch.equal(whole, torch.cat(halves))
+    assert not torch.equal(whole, Stream(data, seed=6).batch(torch.arange(16, 24)))
     # An epoch visits every image once; the next epoch in another order.
-    first, second = image_indices(10, 5, 0, 10), image_indices(10, 5, 10, 10)
+    first, second = stream.indices(torch.arange(10)), stream.indices(torch.arange(10, 20))
     assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(10))
     assert not torch.equal(first, second)
+
+
+def test_batch_is_the_reference_dequantisation_of_hashed_noise():
+    """batch = likelihood.to_model_space(pixels) + u * BIN with u = noise(...): the device path's pieces."""
+    stream = Stream(ImageSet(images(40, 8, 8), crop=6, flip=True), seed=2**40 + 3)
+    positions = torch.arange(100, 137)  # more than one CHUNK, and an epoch boundary
+    u = noise(stream.seed, positions, (6, 6, 3))
+    assert torch.equal(u, stream.noise(positions))
+    expected = to_model_space(stream.pixels(positions)) + u * BIN
+    assert torch.equal(stream.batch(positions), expected)
+    assert torch.equal(dequantize(stream.pixels(positions), u), expected)
+    assert torch.equal(stream.batch(positions, draw=0), expected)
+    assert not torch.equal(stream.batch(positions, draw=1), expected)
+
+
+def lowbias32(x: np.ndarray) -> np.ndarray:
+    """The hash in unsigned numpy arithmetic (well defined wrap-around), as its author writes it."""
+    x = x.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x21F0AAAD)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x735A2D97)
+    x ^= x >> np.uint32(15)
+    return x
+
+
+def test_noise_is_lowbias32_of_counters_and_uniform():
+    seed, positions = 7, torch.tensor([0, 1, 5, 2**33 + 9])
+    keys = lowbias32(np.full(4, 2 * 0x9E3779B9 % 2**32))  # the "val" stream's constant
+    for word in (seed, 0, positions.numpy() >> 32, positions.numpy() & 0xFFFFFFFF):
+        keys = lowbias32(keys + np.asarray(word, dtype=np.uint64).astype(np.uint32))
+    assert np.array_equal(item_keys(seed, positions, "val").numpy().view(np.uint32), keys)
+    noise_keys = lowbias32(keys + np.uint32(3 * 0x9E3779B9 % 2**32))
+    counters = (np.arange(12, dtype=np.uint64) * 0x9E3779B9 % 2**32).astype(np.uint32)
+    bits = lowbias32(noise_keys[:, None] + counters) & np.uint32(2**24 - 1)
+    u = noise(seed, positions, (2, 2, 3), stream="val")
+    assert np.array_equal(u.numpy().reshape(4, 12), bits.astype(np.float32) / 2**24)
+    many = noise(0, torch.arange(64), (32, 32, 3)).flatten()
+    assert 0 <= many.min() and many.max() < 1 and abs(many.mean().item() - 0.5) < 0.002
+    assert abs(many.var().item() - 1 / 12) < 0.001 and many.unique().numel() > 0.99 * many.numel()
+
+
+def test_memory_mapped_npy_is_not_read_whole(tmp_path):
+    x = images(50, 8, 8)
+    np.save(tmp_path / "x.npy", x)
+    loaded = load_images(str(tmp_path / "x.npy"))
+    assert not loaded.flags.owndata and np.array_equal(loaded, x)
+    train, val = load_datasets(str(tmp_path / "x.npy"), val_fraction=0.2)
+    stream = Stream(train, seed=1)
+    ImageSet.RELEASE_BYTES, before = 64, ImageSet.RELEASE_BYTES  # exercise the page release
+    try:
+        got = stream.pixels(torch.arange(80)).numpy()
+    finally:
+        ImageSet.RELEASE_BYTES = before
+    assert np.array_equal(got, x[train.members[stream.indices(torch.arange(80)).numpy()]])
 
 
 def test_load_datasets_val_sources(tmp_path):
@@ -229,8 +312,8 @@ def test_load_datasets_val_sources(tmp_path):
     assert (len(train), len(val), train.image_size) == (10, 3, (8, 8))
     train, val = load_datasets(str(tmp_path / "train.npy"), val_fraction=0.3)
     assert (len(train), len(val)) == (7, 3)
-    train_rows = {im.numpy().tobytes() for im in train.images}
-    assert not any(im.numpy().tobytes() in train_rows for im in val.images)
+    train_rows = {train.image(i).tobytes() for i in range(len(train))}
+    assert not any(val.image(i).tobytes() in train_rows for i in range(len(val)))
     with pytest.raises(DataError, match="validation images are"):
         load_datasets(str(tmp_path / "train.npy"), str(tmp_path / "big.npy"))
     with pytest.raises(DataError, match="between 0 and 1"):

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 from jetcli.config import JetConfig
-from jetcli.data import ImageSet, image_indices, sample_generator
-from jetcli.likelihood import bits_per_dim, dequantize
+from jetcli.data import ImageSet, Stream
+from jetcli.likelihood import bits_per_dim
 from jetcli.model import Jet
 from jetcli.precision import compute_context
 from jetcli.train.distributed import Distributed
@@ -32,6 +32,9 @@ class Trainer:
                  processes: Distributed = Distributed()):
         check_options(opts, processes.world)
         self.config, self.train_set, self.val_set, self.opts = config, train, val, opts
+        self.train_stream = Stream(train, opts.seed)
+        # Each validation image keeps its crop and noise, whatever the run: evaluations are comparable.
+        self.val_stream = Stream(val, 0, "val", shuffle=False) if val is not None else None
         self.processes = processes
         self.device = torch.device(opts.device)
         torch.manual_seed(opts.seed)  # the same initial weights in every process
@@ -54,11 +57,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def batch_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """Dequantised images (B, H, W, 3) in [-1, 1], on the CPU, for these stream positions."""
-        first, n = int(positions[0]), len(positions)
-        generators = [sample_generator(self.opts.seed, int(p)) for p in positions]
-        pixels = self.train_set.batch(image_indices(len(self.train_set), self.opts.seed, first, n), generators)
-        return torch.stack([dequantize(p, g) for p, g in zip(pixels, generators)])
+        """Dequantised images (B, H, W, 3) in [-1, 1], on the CPU, for these stream positions (see
+        jetcli.data.Stream for uint8 pixels and noise made on a device instead)."""
+        return self.train_stream.batch(positions)
 
     def micro_batches(self, step: int) -> list[torch.Tensor]:
         """This process's contiguous share of global batch `step`, as `grad_accum` micro-batches."""
@@ -115,10 +116,8 @@ class Trainer:
         mine = torch.arange(self.processes.rank, len(self.val_set), self.processes.world)
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)
         for indices in mine.split(self.opts.batch_size):
-            generators = [sample_generator(0, int(i), "val") for i in indices]
-            pixels = self.val_set.batch(indices, generators)
-            for _ in range(self.opts.val_samples):
-                x = torch.stack([dequantize(p, g) for p, g in zip(pixels, generators)]).to(self.device)
+            for draw in range(self.opts.val_samples):
+                x = self.val_stream.batch(indices, draw).to(self.device)
                 with compute_context(self.device, self.opts.precision):
                     z, logdet = self.model(x)
                 totals[0] += bits_per_dim(z.float(), logdet.float()).bpd.double().sum()
