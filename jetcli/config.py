@@ -8,6 +8,8 @@ import math
 import operator
 from dataclasses import dataclass
 
+from jetcli.errors import SettingError
+
 SPATIAL_PROJS = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstripes", "hstripes-inv")
 CHANNEL_PROJS = ("random",)
 KINDS = ("channels", "spatial")
@@ -104,6 +106,13 @@ class JetConfig:
                 n_spatial += 1
         return plan
 
+    def parameter_count(self) -> int:
+        """The number of trained parameters of a Jet with this config (every coupling has the same)."""
+        w, hidden, half = self.width, self.mlp_ratio * self.width, self.patch_dim // 2
+        block = 4 * w + (3 * w * w + 3 * w) + (w * w + w) + (w * hidden + hidden) + (hidden * w + w)
+        vit = (half * w + w) + self.num_patches * w + self.block_depth * block + 2 * w + (w * 2 * half + 2 * half)
+        return self.couplings * vit
+
     def replace(self, **changes) -> JetConfig:
         return dataclasses.replace(self, **changes)
 
@@ -127,17 +136,19 @@ class JetConfig:
         return cls.from_dict(json.loads(text))
 
 
+PAPER_PATCHES = 256  # §3: the patch size is chosen so that an image has 256 patches
+
 PRESETS: dict[str, JetConfig] = {
-    # §3 of the paper: the ablation default on ImageNet 64x64.
-    "imagenet64-ablation": JetConfig(),
-    # big_vision configs/proj/jet/imagenet64.py (the same model, named after its source; 3.72 bpd there).
-    "bigvision-imagenet64": JetConfig(),
-    # The larger variant that config's docstring reports (3.66 bpd after 200 epochs): 64 couplings,
-    # ViT depth 5, the rest of the config unchanged (width 512, 8 heads, patch 4).
-    # The paper's Appendix A.1 configurations are not here: its text could not be read from this
-    # workplace (only the abstract/introduction of arxiv.org/html/2412.15129 was reachable), and no
-    # number is entered without a source.
-    "bigvision-imagenet64-64x5": JetConfig(couplings=64, block_depth=5),
+    # The paper's models (arXiv 2412.15129). Appendix A.1, the best model of each sweep: 64 couplings,
+    # ViT depth / width / heads per column, patch 2 at 32x32 and 4 at 64x64 (256 patches).
+    "imagenet1k-32": JetConfig(image_size=(32, 32), patch_size=2, couplings=64, block_depth=6, width=256, heads=4),
+    "imagenet1k-64": JetConfig(couplings=64, block_depth=5, width=512, heads=8),
+    "imagenet21k-32": JetConfig(image_size=(32, 32), patch_size=2, couplings=64, block_depth=6, width=768,
+                                heads=12),
+    "imagenet21k-64": JetConfig(couplings=64, block_depth=6, width=1024, heads=16),
+    # §3.2's ablation default: ImageNet-1k 64x64, 32 couplings, ViT depth 2, width 512; the model of
+    # big_vision's configs/proj/jet/imagenet64.py (3.72 bpd there).
+    "ablation-64": JetConfig(),
     # The jet-pytorch 0.0.2 defaults and its public btrude/jet_imagenet64x64_200m checkpoint.
     "jet-pytorch-imagenet64": JetConfig(ln_eps=1e-5, gelu="exact"),
     # CPU-sized: the benchmark config of benchmarks/ (32x32, patch 4, 16 couplings, depth 2, width 256).
@@ -147,10 +158,37 @@ PRESETS: dict[str, JetConfig] = {
     # Tiny: for tests and smoke runs.
     "tiny-16": JetConfig(image_size=(16, 16), couplings=5, block_depth=1, width=32, heads=2),
 }
+# Earlier names of the same models.
+ALIASES = {"imagenet64-ablation": "ablation-64", "bigvision-imagenet64": "ablation-64",
+           "bigvision-imagenet64-64x5": "imagenet1k-64"}
+# Presets that follow the paper's 256-patch rule at any image size (the CPU presets keep their patch size).
+KEEP_PATCHES = ("imagenet1k-32", "imagenet1k-64", "imagenet21k-32", "imagenet21k-64", "ablation-64",
+                "jet-pytorch-imagenet64")
 
 
 def preset(name: str) -> JetConfig:
     try:
-        return PRESETS[name]
+        return PRESETS[ALIASES.get(name, name)]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
+
+
+def preset_for(name: str, image_size: tuple[int, int]) -> JetConfig:
+    """Preset `name` for images of `image_size`. The paper's presets keep their 256 patches by choosing
+    the patch size (a 64x64 preset on 32x32 images gets patch 2); the others keep their patch size."""
+    config = preset(name)
+    if ALIASES.get(name, name) not in KEEP_PATCHES:
+        return config.replace(image_size=image_size)
+    (h, w), n = image_size, config.num_patches
+    patch = math.isqrt(h * w // n)
+    if patch < 1 or patch * patch * n != h * w or h % patch or w % patch:
+        raise SettingError("{preset_name} {name} keeps the paper's {n} patches per image, and {h}x{w} images "
+                           "cannot be cut into {n} square patches: give {patch_size}", name=name, n=n, h=h, w=w)
+    return config.replace(image_size=image_size, patch_size=patch)
+
+
+def describe_preset(name: str) -> str:
+    """One line for --help and the README: size, shape and parameter count."""
+    c = preset(name)
+    return (f"{name}: {c.image_size[0]}x{c.image_size[1]}, patch {c.patch_size}, {c.couplings} couplings, ViT depth "
+            f"{c.block_depth}, width {c.width}, {c.heads} heads, {c.parameter_count() / 1e6:,.1f}M parameters")

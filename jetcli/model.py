@@ -98,7 +98,8 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv = TunedLinear(width, 3 * width)  # rows: [query; key; value], torch MHA layout
         self.out = TunedLinear(width, width)
-        nn.init.xavier_uniform_(self.qkv.weight)
+        for kernel in self.qkv.weight.chunk(3):  # as flax: q, k and v each its own (width, width) kernel
+            nn.init.xavier_uniform_(kernel)
         nn.init.zeros_(self.qkv.bias)
         nn.init.xavier_uniform_(self.out.weight)
         nn.init.zeros_(self.out.bias)

@@ -50,7 +50,7 @@ def test_inverse_of_forward_whole_model_non_square(random_jet):
     error = (x_back - x).abs().max().item()
     print(f"12 couplings, 16x32: max |inverse(forward(x)) - x| = {error:.3g}")
     assert (z - x).abs().max() > 0.5
-    assert error < 1e-5
+    assert error < 3e-5  # float32 round-off over 12 couplings: 0.7-2.2e-5 over seeds 0-5
 
 
 def test_identity_at_init():
