@@ -188,7 +188,8 @@ def preset_for(name: str, image_size: tuple[int, int]) -> JetConfig:
 
 
 def describe_preset(name: str) -> str:
-    """One line for --help and the README: size, shape and parameter count."""
+    """The preset's name, image size and parameter count, for --help."""
     c = preset(name)
-    return (f"{name}: {c.image_size[0]}x{c.image_size[1]}, patch {c.patch_size}, {c.couplings} couplings, ViT depth "
-            f"{c.block_depth}, width {c.width}, {c.heads} heads, {c.parameter_count() / 1e6:,.1f}M parameters")
+    count = c.parameter_count()
+    size = f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+    return f"{name} ({c.image_size[0]}x{c.image_size[1]}, {size} parameters)"

@@ -13,7 +13,7 @@ from jetcli import publish
 from jetcli.cli.errors import UsageError, user_errors
 from jetcli.cli.output import err, progress_bar
 from jetcli.cli.root import app
-from jetcli.config import PRESETS
+from jetcli.config import ALIASES, PRESETS, describe_preset
 from jetcli.train import Run, RunSettings, finish_distributed, start_run, write_pictures
 
 DEFAULT = RunSettings(data=None)
@@ -28,18 +28,26 @@ def train(  # long only by its options: the body is parse, start_run, report
                    "ImageNet batches), a .npy/.npz of uint8 (N,H,W,3) or FILE.npz:KEY, or a CIFAR-10 batch "
                    "file. With --resume: the run's data."),
     out: Path = typer.Option(DEFAULT.out, "--out", "-o", help="Run folder: checkpoints, metrics, plots."),
-    preset_name: str = typer.Option(DEFAULT.preset_name, "--preset", help=f"Model preset: {', '.join(PRESETS)}."),
+    preset_name: str = typer.Option(DEFAULT.preset_name, "--preset", help=(
+        "Model preset: " + "; ".join(map(describe_preset, PRESETS)) + ". Old names: "
+        + ", ".join(f"{old} = {new}" for old, new in ALIASES.items()) + ". The paper's presets (imagenet*, "
+        "ablation-64, jet-pytorch-imagenet64) keep 256 patches at other image sizes (e.g. patch 2 on 32x32).")),
     couplings: Optional[int] = typer.Option(None, help="Number of couplings (overrides the preset)."),
     block_depth: Optional[int] = typer.Option(None, help="ViT blocks per coupling."),
     width: Optional[int] = typer.Option(None, help="ViT width."),
     heads: Optional[int] = typer.Option(None, help="Attention heads."),
     patch_size: Optional[int] = typer.Option(None, help="Patch size in pixels."),
     kinds: Optional[str] = typer.Option(None, help="Coupling pattern, e.g. channels,channels,spatial."),
-    crop: Optional[int] = typer.Option(None, help="Train on random SxS crops (with flips) of larger images."),
+    crop: Optional[int] = typer.Option(None, help="Train on random SxS crops of larger images."),
+    flip: bool = typer.Option(False, "--flip", help="Mirror training images at random (half of them). Off by "
+                              "default: the paper trains with no data augmentation."),
     val: Optional[str] = typer.Option(None, help="Validation images (same forms as DATA)."),
     val_fraction: float = typer.Option(DEFAULT.val_fraction,
                                        help="Hold out this fraction of whole images for validation."),
     steps: int = typer.Option(DEFAULT.steps, help="Optimiser steps."),
+    epochs: Optional[float] = typer.Option(None, help="Instead of --steps: passes over the training images "
+                                           "(steps = epochs x images / batch size, rounded; the paper: 200 on "
+                                           "ImageNet-1k, 50 on ImageNet-21k)."),
     batch_size: int = typer.Option(DEFAULT.batch_size, help="Global batch size (images per step, over all processes)."),
     grad_accum: int = typer.Option(DEFAULT.grad_accum, help="Split each batch into this many micro-batches."),
     lr: float = typer.Option(DEFAULT.lr, help="Peak learning rate."),

@@ -64,9 +64,11 @@ class RunSettings:
     patch_size: int | None = None
     kinds: str | None = None  # comma-separated, e.g. "channels,channels,spatial"
     crop: int | None = None
+    flip: bool | None = False  # random horizontal flips (None: a run saved before they were a setting)
     val: str | None = None
     val_fraction: float = 0.0
     steps: int = 1000
+    epochs: float | None = None  # instead of steps: this many passes over the training images
     batch_size: int = 64
     grad_accum: int = 1
     lr: float = 3e-4

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from jetcli.errors import SettingError
 from jetcli.model import Jet
 from jetcli.train.options import TrainOptions
 
@@ -26,6 +27,14 @@ from jetcli.train.options import TrainOptions
 def warmup_steps(total: int, warmup: float) -> int:
     """big_vision's rounding of warmup_percent: to the nearest step, at least 1 unless it is 0."""
     return max(1, round(warmup * total)) if warmup else 0
+
+
+def epoch_steps(epochs: float, images: int, batch_size: int) -> int:
+    """The steps of `epochs` passes over `images` at `batch_size`, rounded as big_vision rounds
+    total_epochs (to the nearest step, at least 1)."""
+    if not 0 < epochs < math.inf:
+        raise SettingError("{epochs} must be positive and finite, got {value}", value=epochs)
+    return max(1, round(epochs * images / batch_size))
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:

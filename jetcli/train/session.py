@@ -3,9 +3,9 @@ build the config and the Trainer; at the end, draw the curves and the samples.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from jetcli.config import JetConfig, preset
+from jetcli.config import JetConfig, preset, preset_for
 from jetcli.data import ImageSet, load_datasets
 from jetcli.devices import resolve_device
 from jetcli.errors import SettingError
@@ -13,6 +13,7 @@ from jetcli.precision import CHOICES, resolve
 from jetcli.train.distributed import Distributed, init_distributed
 from jetcli.train.loop import Trainer
 from jetcli.train.metrics import CURVES_NAME, SAMPLES_NAME, plot_curves, read_metrics, save_samples
+from jetcli.train.schedule import epoch_steps
 from jetcli.train.options import RunSettings, TrainOptions
 from jetcli.train.state import DATA_KEYS, check_new_run_folder, resume_settings, resumed_config
 
@@ -45,7 +46,11 @@ def start_run(settings: RunSettings, given: set[str] = frozenset(), command: str
         raise SettingError("{precision} {value!r}: expected {choices}", value=settings.precision,
                            choices=", ".join(CHOICES))
     train_set, val_set = load_datasets(settings.data, settings.val, settings.val_fraction, settings.crop,
-                                       settings.seed)
+                                       settings.seed, settings.flip)
+    if settings.epochs is not None:
+        if "steps" in given:
+            raise SettingError("give {steps} or {epochs}, not both")
+        settings = replace(settings, steps=epoch_steps(settings.epochs, len(train_set), settings.batch_size))
     config = model_config(settings, train_set.image_size)
     if saved_config is not None:
         config = resumed_config(saved_config, config, given, train_set.image_size)
@@ -71,7 +76,11 @@ def model_config(settings: RunSettings, image_size: tuple[int, int]) -> JetConfi
     if settings.kinds:
         overrides["kinds"] = tuple(k.strip() for k in settings.kinds.split(","))
     try:
+        if settings.patch_size is None:  # the paper's presets choose the patch size that gives 256 patches
+            return preset_for(settings.preset_name, image_size).replace(**overrides)
         return preset(settings.preset_name).replace(image_size=image_size, **overrides)
+    except SettingError:
+        raise
     except ValueError as e:
         raise SettingError.of(e) from None
 

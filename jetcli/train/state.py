@@ -12,6 +12,7 @@ or `grad_accum` on another machine); the model fields (MODEL_FIELDS) must give t
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,10 +33,10 @@ if TYPE_CHECKING:
 
 STATE_NAME = "state.safetensors"
 EMA_DIR = "ema"
-KEPT_ON_RESUME = ("data", "val", "val_fraction", "crop", "batch_size", "lr", "weight_decay", "warmup",
-                  "clip", "ema", "seed")
+KEPT_ON_RESUME = ("data", "val", "val_fraction", "crop", "flip", "batch_size", "lr", "weight_decay",
+                  "warmup", "clip", "ema", "seed")
 RESUMABLE = KEPT_ON_RESUME + ("steps", "grad_accum", "eval_every", "ckpt_every", "precision", "compile")
-DATA_KEYS = ("data", "val", "val_fraction", "crop")  # kept in the options' `extra`, with the command
+DATA_KEYS = ("data", "val", "val_fraction", "crop", "flip")  # kept in the options' `extra`, with the command
 MODEL_FIELDS = ("preset_name", "couplings", "block_depth", "width", "heads", "patch_size", "kinds")
 # Everything a run writes in its folder (and ema/): a new run refuses a folder holding any of the outputs.
 OUTPUT_NAMES = (checkpoints.WEIGHTS_NAME, checkpoints.CONFIG_NAME, EMA_DIR, CURVES_NAME, SAMPLES_NAME)
@@ -172,6 +173,11 @@ def resume_settings(settings: RunSettings, given: set[str]) -> tuple[JetConfig, 
     """The saved run's config, and its settings with those in `given` (the fields asked for again)
     applied where a resumed run may change them. Refuses a change to the others."""
     config, saved = saved_run(settings.out)
+    if saved["flip"] is None:  # saved before flips were a setting: they were always on
+        saved["flip"] = True
+        warnings.warn("this run was saved before the data stream was hashed by position: it keeps its random "
+                      "flips, and from here on its crops, flips and noise follow the new stream (the same "
+                      "distributions, other draws)", stacklevel=2)
     changed = [k for k in KEPT_ON_RESUME if k in given and getattr(settings, k) != saved[k]]
     if changed:
         parts = [f"{{{k}}} {{new_{i}!r}} (the run has {{old_{i}!r}})" for i, k in enumerate(changed)]
