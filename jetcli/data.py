@@ -273,10 +273,10 @@ def model_space(pixels: torch.Tensor) -> torch.Tensor:
     return torch.index_select(table, 0, pixels.reshape(-1).int()).view(pixels.shape)
 
 
-def dequantize(pixels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def dequantize(pixels: torch.Tensor, noise: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 pixels and noise in [0, 1) of the same shape -> pixels / 127.5 - 1 + noise / 127.5 in
-    float32: likelihood.dequantize's values, bit for bit on any device."""
-    return model_space(pixels).add_(noise.mul(BIN))
+    float32 (into `out` if given): likelihood.dequantize's values, bit for bit on any device."""
+    return torch.add(model_space(pixels), noise.mul(BIN), out=out)
 
 
 def _draw_below(keys: torch.Tensor, counter: int, bounds: np.ndarray) -> np.ndarray:
@@ -306,7 +306,7 @@ class ImageSet:
     `pixels(indices, keys)` gathers a batch with array operations: every item (or every row of a crop)
     is a run of bytes in the buffer, copied by one fancy index over a sliding window of the buffer."""
 
-    RELEASE_BYTES = 1 << 28  # release a mapping's pages after reading this much through it
+    RELEASE_BYTES = 1 << 26  # release a mapping's pages after reading this much through it
 
     def __init__(self, images: np.ndarray | list[np.ndarray], crop: int | None = None, flip: bool = False,
                  members: np.ndarray | None = None):
@@ -471,5 +471,5 @@ class Stream:
         out = torch.empty(pixels.shape, dtype=torch.float32)
         for part in range(0, len(positions), CHUNK):
             here = slice(part, part + CHUNK)
-            out[here] = dequantize(pixels[here], uniform(keys[here], values, draw).view(pixels[here].shape))
+            dequantize(pixels[here], uniform(keys[here], values, draw).view(pixels[here].shape), out=out[here])
         return out
