@@ -143,22 +143,21 @@ def choose(op: str, routes: dict[str, Callable], args: tuple) -> Callable:
     return routes[name]
 
 
-def fastest(routes: dict[str, Callable], args: tuple, training: bool, repeats: int = 3) -> str:
-    """The name of the route with the shortest best-of-`repeats` time on copies of `args`."""
-    times = {}
+def fastest(routes: dict[str, Callable], args: tuple, training: bool, rounds: int = 5) -> str:
+    """The name of the route with the shortest best time on copies of `args`. Routes take turns in
+    every round, so load from other processes falls on all of them alike."""
+    best = dict.fromkeys(routes, float("inf"))
     with torch.enable_grad() if training else torch.no_grad():
-        for name, fn in routes.items():
-            best = float("inf")
-            for i in range(repeats + 1):  # the first call warms up (allocations, oneDNN primitives)
+        for i in range(rounds + 1):  # round 0 warms up (allocations, oneDNN primitives)
+            for name, fn in routes.items():
                 inputs = [None if a is None else a.detach().requires_grad_(a.requires_grad) for a in args]
                 start = time.perf_counter()
                 out = fn(*inputs)
                 if training:
                     out.backward(torch.ones_like(out))
                 if i:
-                    best = min(best, time.perf_counter() - start)
-            times[name] = best
-    return min(times, key=times.get)
+                    best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.get)
 
 
 def _save(known: dict[str, str]) -> None:
