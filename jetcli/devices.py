@@ -25,5 +25,18 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def process_gpu(local_rank: int, visible: int) -> int:
+    """The CUDA ordinal for the process of this local rank among several on one machine: its local rank
+    when it sees that many GPUs (torchrun on a multi-GPU machine), else the one GPU it sees (launchers
+    that give each process its own, like SLURM's --gpus-per-task=1, make the local rank no ordinal)."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise SettingError("local rank {rank}, but this process sees {count} CUDA devices: run at most {count} "
+                       "processes per machine, or give each process one GPU (CUDA_VISIBLE_DEVICES)",
+                       rank=local_rank, count=visible)
+
+
 def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device

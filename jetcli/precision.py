@@ -7,12 +7,14 @@ lose precision. The lossless codec never uses it: the bias and scale must be bit
 decode.
 
 "auto" picks fast where the hardware multiplies bf16 natively (CUDA from Ampere on; CPUs with
-AVX512-BF16 or AMX) and float32 elsewhere, where emulated bf16 would be slower than float32.
+AVX512-BF16 or AMX) and float32 elsewhere, where emulated bf16 would be slower than float32; "fast"
+asked for there runs, with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -37,6 +39,9 @@ def resolve(precision: str, device: torch.device | str) -> str:
         raise ValueError(f"precision must be one of {CHOICES}, got {precision!r}")
     if precision == "auto":
         return "fast" if native_bf16(device) else "fp32"
+    if precision == "fast" and not native_bf16(device):
+        warnings.warn(f"precision fast on {device}: bf16 is emulated on this device (no native bf16 "
+                      "matmuls), slower than fp32", stacklevel=2)
     return precision
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
+import typer
 
 from jetcli.testing import random_jet
 
@@ -14,6 +16,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Kernel choices (jetcli.kernels) are cached per machine: tests keep theirs apart from the user's.
 os.environ.setdefault("JETCLI_CACHE_DIR", tempfile.mkdtemp(prefix="jetcli-kernels-"))
+
+
+@functools.cache
+def device_commands() -> frozenset[str]:
+    """The jet commands that take --device."""
+    from jetcli.cli import app
+    commands = typer.main.get_command(app).commands
+    return frozenset(name for name, command in commands.items() if any(p.name == "device" for p in command.params))
+
+
+def on_cpu(args) -> list[str]:
+    """`jet ARGS` with `--device cpu` after the command, when it takes one and none is given. Tests that
+    compare with numbers computed on the CPU (or rely on its bit-for-bit repeatability) say so: on a GPU
+    host the default device, auto, is CUDA."""
+    args = [str(a) for a in args]
+    command = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+    if command is None or args[command] not in device_commands() or "--device" in args:
+        return args
+    return [*args[:command + 1], "--device", "cpu", *args[command + 1:]]
 
 
 @pytest.fixture(scope="session")

@@ -49,8 +49,8 @@ def test_flop_formula_matches_torch_flop_counter(name):
 
 
 def test_speed_runs_on_a_tiny_config(tmp_path):
-    result = run_script("speed", "--preset", "tiny-16", "--batch", "4", "--pairs", "2", "--matmul-seconds", "0.05",
-                        "--json", "--out", str(tmp_path / "speed.json"))
+    result = run_script("speed", "--device", "cpu", "--preset", "tiny-16", "--batch", "4", "--pairs", "2",
+                        "--matmul-seconds", "0.05", "--json", "--out", str(tmp_path / "speed.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout)
     assert json.loads((tmp_path / "speed.json").read_text()) == data

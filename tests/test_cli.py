@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, on_cpu
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -65,7 +65,7 @@ def run(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
     def invoke(*args, input=None):
-        return CliRunner().invoke(app, [str(a) for a in args], input=input)
+        return CliRunner().invoke(app, on_cpu(args), input=input)
 
     return invoke
 
@@ -377,7 +377,7 @@ def test_hub_ids_from_the_offline_cache(run, files, tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- real processes
 def jet_process(*args, env=None, **kwargs):
-    return subprocess.run([sys.executable, "-m", "jetcli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "jetcli", *on_cpu(args)], capture_output=True,
                           env=env or SUBPROCESS_ENV, timeout=120, **kwargs)
 
 
@@ -391,8 +391,8 @@ def test_subprocess_hub_env_jet_pytorch_layout(files, tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     remote = json.loads(result.stdout)
     assert remote["model"] == f"someone/jet-pt@{commit}"
-    local = json.loads(CliRunner().invoke(app, ["bpd", str(files / "even.png"), "-m", str(files / "own"),
-                                                "--json"]).stdout)
+    local = json.loads(CliRunner().invoke(app, on_cpu(["bpd", files / "even.png", "-m", files / "own",
+                                                       "--json"])).stdout)
     assert remote["mean_bpd"] == local["mean_bpd"]
 
 
@@ -402,9 +402,9 @@ def test_subprocess_encode_decode_pipe(files, tmp_path):
     command = [str(jet_script)] if jet_script.exists() else [sys.executable, "-m", "jetcli"]
     model = ["-m", str(files / "own")]
     with open(files / "even.png", "rb") as image:
-        encoder = subprocess.Popen([*command, "encode", "-", *model], stdin=image, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, env=SUBPROCESS_ENV)
-        decoder = subprocess.run([*command, "decode", "-", "-o", tmp_path / "out.png", *model],
+        encoder = subprocess.Popen([*command, *on_cpu(["encode", "-", *model])], stdin=image,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SUBPROCESS_ENV)
+        decoder = subprocess.run([*command, *on_cpu(["decode", "-", "-o", tmp_path / "out.png", *model])],
                                  stdin=encoder.stdout, capture_output=True, env=SUBPROCESS_ENV, timeout=120)
         encoder.stdout.close()
         assert encoder.wait(timeout=120) == 0, encoder.stderr.read().decode()

@@ -74,6 +74,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from conftest import on_cpu
 from test_cli import converted_images, raw_png
 from typer.testing import CliRunner
 
@@ -115,7 +116,7 @@ def refused(*args, expect: str | tuple[str, ...], input=None, watch: tuple[Path,
     and `watch` as they were."""
     roots = (Path.cwd(), *watch)
     before = snapshot(*roots)
-    result = CliRunner().invoke(app, [str(a) for a in args], input=input)
+    result = CliRunner().invoke(app, on_cpu(args), input=input)
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert isinstance(result.exception, SystemExit), result.exception
     assert "Traceback" not in result.stdout + result.stderr
@@ -130,7 +131,7 @@ def refused(*args, expect: str | tuple[str, ...], input=None, watch: tuple[Path,
 
 
 def accepted(*args, input=None):
-    result = CliRunner().invoke(app, [str(a) for a in args], input=input)
+    result = CliRunner().invoke(app, on_cpu(args), input=input)
     assert result.exit_code == 0, (result.output, result.exception)
     return result
 
@@ -282,7 +283,7 @@ def test_damaged_metadata_is_one_warning_line_and_damaged_pixels_one_error(world
     assert np.array_equal(np.asarray(Image.open("d.png")), pixels)
     Path("strips.tif").write_bytes(tiff_with_oversized_tag(pixels, 273))  # StripOffsets: no pixels
     error = refused("bpd", "strips.tif", "-m", world / "own", expect="strips.tif: not an image file")
-    assert "warning" not in CliRunner().invoke(app, ["bpd", "strips.tif", "-m", str(world / "own")]).stderr, error
+    assert "warning" not in CliRunner().invoke(app, on_cpu(["bpd", "strips.tif", "-m", world / "own"])).stderr, error
 
 
 def test_misnamed_images_are_read_by_content(world, here):
@@ -492,8 +493,9 @@ def test_uncached_hub_id_while_offline(world, here, monkeypatch, command):
 def test_uncached_hub_id_in_a_subprocess_with_hf_home_and_offline(world, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", COLUMNS="300")
-    result = subprocess.run([sys.executable, "-m", "jetcli", "bpd", str(world / "good.png"), "-m",
-                             "someone/not-cached@v2"], capture_output=True, env=env, timeout=120, cwd=tmp_path)
+    command = on_cpu(["bpd", world / "good.png", "-m", "someone/not-cached@v2"])
+    result = subprocess.run([sys.executable, "-m", "jetcli", *command], capture_output=True, env=env, timeout=120,
+                            cwd=tmp_path)
     stderr = result.stderr.decode()
     assert result.returncode == 2 and "Traceback" not in stderr, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]

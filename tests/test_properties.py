@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import on_cpu
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
@@ -200,7 +201,7 @@ def model_folder(tmp_path_factory) -> Path:
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(st.one_of(st.binary(max_size=200), latent_arrays().map(npy_bytes)))
 def test_jet_decode_of_arbitrary_input_exits_cleanly(model_folder, data):
-    result = CliRunner().invoke(app, ["decode", "-", "-m", str(model_folder)], input=data)
+    result = CliRunner().invoke(app, on_cpu(["decode", "-", "-m", model_folder]), input=data)
     assert "Traceback" not in result.stderr and isinstance(result.exception, (SystemExit, type(None)))
     if result.exit_code == 0:
         assert Image.open(io.BytesIO(result.stdout_bytes)).mode == "RGB"

@@ -10,20 +10,24 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from conftest import on_cpu
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from jetcli import checkpoints, publish
+from jetcli import checkpoints, precision, publish
 from jetcli.config import preset
 from jetcli.data import ImageSet
 from jetcli.model import Jet
 from jetcli.precision import compute_context, resolve
-from jetcli.train import STATE_NAME, Trainer, TrainOptions, lr_factor, make_optimizer, read_metrics, saved_run
+from jetcli.train import (STATE_NAME, RunSettings, Trainer, TrainOptions, lr_factor, make_optimizer, read_metrics,
+                          saved_run, start_run)
 
 CONFIG = preset("tiny-16").replace(couplings=2)
 PIXELS = np.random.default_rng(0).integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
@@ -33,6 +37,12 @@ def make_trainer(out, steps=6, **options) -> Trainer:
     opts = TrainOptions(out=out, steps=steps, batch_size=8, eval_every=3, ckpt_every=100, log_every=2,
                         **options)
     return Trainer(CONFIG, ImageSet(PIXELS[:18]), ImageSet(PIXELS[18:], flip=False), opts)
+
+
+def train_step(trainer: Trainer) -> dict:
+    """One step and its record, read at once (the loop reads many steps' together)."""
+    stats = trainer.train_step()
+    return trainer.read_stats([trainer.step], [stats])[0][0]
 
 
 def state_tensors(out) -> dict[str, torch.Tensor]:
@@ -106,11 +116,19 @@ def test_one_update_is_the_optax_chain(tmp_path):
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     full, accumulated = make_trainer(tmp_path / "a"), make_trainer(tmp_path / "b", grad_accum=4)
     for _ in range(3):
-        a, b = full.train_step(), accumulated.train_step()
+        a, b = train_step(full), train_step(accumulated)
         assert b["bpd"] == pytest.approx(a["bpd"], abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     for (name, p), q in zip(full.model.named_parameters(), accumulated.model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_batches_cross_as_uint8_and_are_dequantised_where_the_model_runs(tmp_path):
+    trainer = make_trainer(tmp_path)
+    positions = torch.arange(5, 13)
+    batch = trainer.batch_at(positions)
+    assert batch.pixels.dtype == torch.uint8 and torch.equal(batch.positions, positions)
+    assert torch.equal(trainer.model_input(batch), trainer.train_stream.batch(positions))  # the stream's noise
 
 
 def test_ema_is_kept_and_saved_beside(tmp_path):
@@ -139,7 +157,15 @@ def test_precision_auto_is_fast_only_where_bf16_is_native(monkeypatch):
     for capability, expected in (((8, 0), "fast"), ((9, 0), "fast"), ((7, 5), "fp32")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert resolve("auto", "cuda") == expected
-    assert resolve("fp32", "cuda") == "fp32" and resolve("fast", "cpu") == "fast"
+    assert resolve("fp32", "cuda") == "fp32"
+    with pytest.warns(UserWarning, match="precision fast on cuda: bf16 is emulated"):  # a V100 or a T4
+        assert resolve("fast", "cuda") == "fast"
+    with pytest.warns(UserWarning, match="precision fast on cpu: bf16 is emulated"):
+        assert resolve("fast", "cpu") == "fast"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # native: no warning
+        assert resolve("fast", "cuda") == "fast"
     with pytest.raises(ValueError, match="precision"):
         resolve("bf16", "cpu")
 
@@ -154,7 +180,7 @@ def test_fast_keeps_loss_in_float32(tmp_path):
         z, logdet = model(x)
     assert z_fast.dtype == logdet_fast.dtype == torch.float32
     assert (z_fast - z).abs().max() < 0.05 and not torch.equal(z_fast, z)  # bf16 ViT, float32 flow
-    stats = make_trainer(tmp_path / "fast", precision="fast").train_step()
+    stats = train_step(make_trainer(tmp_path / "fast", precision="fast"))
     assert math.isfinite(stats["bpd"]) and math.isfinite(stats["grad_norm"])
 
 
@@ -164,7 +190,7 @@ def test_fast_keeps_loss_in_float32(tmp_path):
 def test_compiled_training_matches_eager(tmp_path):
     eager, compiled = make_trainer(tmp_path / "a", steps=2), make_trainer(tmp_path / "b", steps=2, compile=True)
     for _ in range(2):
-        assert compiled.train_step()["bpd"] == pytest.approx(eager.train_step()["bpd"], abs=1e-4)
+        assert train_step(compiled)["bpd"] == pytest.approx(train_step(eager)["bpd"], abs=1e-4)
 
 
 # --------------------------------------------------------------------------- checkpoints and resume
@@ -235,7 +261,7 @@ def test_resume_refuses_another_model(tmp_path):
 # --------------------------------------------------------------------------- the command line
 def run_cli(*args):
     from jetcli.cli import app
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return CliRunner().invoke(app, on_cpu(args))
 
 
 @pytest.fixture
@@ -254,7 +280,8 @@ def test_cli_train_then_resume_with_the_runs_own_options(tmp_path, data_file):
     assert result.exit_code == 0, result.output
     assert (out / "curves.png").exists() and (out / "samples.png").exists()
     assert checkpoints.load(out).config.couplings == 2
-    assert saved_run(out)[1]["precision"] == resolve("auto", "cpu")
+    assert saved_run(out)[1]["precision"] == "auto"  # as asked: each session resolves it for its device
+    assert json.loads(checkpoints.read_metadata(out / STATE_NAME)["options"])["precision"] == resolve("auto", "cpu")
 
     result = run_cli("train", "--resume", "-o", out, "--lr", "3e-4")
     assert result.exit_code == 2 and "--lr 0.0003 (the run has 0.001)" in result.output
@@ -271,11 +298,51 @@ def test_cli_train_then_resume_with_the_runs_own_options(tmp_path, data_file):
     assert "val_bpd" in records[-1] and saved_run(out)[1]["lr"] == 1e-3
 
 
+def test_resume_resolves_auto_precision_for_its_own_device(tmp_path, data_file, monkeypatch):
+    """auto started where bf16 is emulated trains fp32; resumed where it is native (a GPU), fast. A
+    precision given explicitly stays, and so does the resolved precision of runs saved before the asked
+    one was kept."""
+    first = RunSettings(data=f"{data_file}:train_images", out=tmp_path / "run", preset_name="tiny-16", couplings=2,
+                        batch_size=8, steps=2, device="cpu")
+    resumed = lambda **given: start_run(replace(first, data=None, resume=True, **given), given=set(given)).trainer
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    trainer = start_run(first).trainer
+    assert trainer.opts.precision == "fp32"
+    trainer.save()
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert resumed().opts.precision == "fast"
+    trainer = resumed(precision="fp32")
+    assert trainer.opts.precision == "fp32"
+    trainer.save()
+    assert resumed().opts.precision == "fp32"  # fp32 was asked for last
+
+    state = tmp_path / "run" / STATE_NAME
+    meta = checkpoints.read_metadata(state)
+    options = json.loads(meta["options"])
+    options["extra"] = {k: v for k, v in options["extra"].items() if k != "asked_precision"}
+    options["precision"] = "fp32"
+    save_file(load_file(str(state)), str(state), metadata={**meta, "options": json.dumps(options)})
+    assert resumed().opts.precision == "fp32"  # saved before the asked precision was kept: as it was
+
+
+def test_processes_leave_the_group_before_rank_0_draws_and_uploads(tmp_path, data_file, monkeypatch):
+    """Every process leaves the process group as training ends; rank 0's pictures, samples and upload
+    come after, so no process waits on them (nor, when an upload fails, until torchrun kills it)."""
+    from jetcli.cli import train as command
+    order = []
+    monkeypatch.setattr(command, "finish_distributed", lambda device: order.append(f"leave group on {device}"))
+    monkeypatch.setattr(command, "write_pictures", lambda run: order.append("pictures"))
+    result = run_cli("train", f"{data_file}:train_images", "--preset", "tiny-16", "--couplings", "2",
+                     "--batch-size", "8", "--steps", "1", "-o", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert order == ["leave group on cpu", "pictures"]
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, data_file):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "jetcli", "train", f"{data_file}:train_images", "--preset", "tiny-16",
                "--couplings", "2", "--batch-size", "4", "--steps", "100000", "--ckpt-every", "100000",
-               "-o", str(out)]
+               "--device", "cpu", "-o", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:

@@ -66,8 +66,8 @@ def train(  # long only by its options: the body is parse, start_run, report
     ckpt_every: int = typer.Option(DEFAULT.ckpt_every, help="Checkpoint every N steps (and on Ctrl-C/SIGTERM)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint; "
                                                         "options not given again are the run's."),
-    device: str = typer.Option(DEFAULT.device, help="auto, cpu, cuda or cuda:N (under torchrun: one GPU per "
-                                                    "process)."),
+    device: str = typer.Option(DEFAULT.device, help="auto, cpu, cuda or cuda:N (under torchrun: each process "
+                                                    "its own GPU, that of its local rank, or the one it sees)."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="OWNER/NAME",
                                               help="At the end, upload weights, config.json and a model card "
                                                    "to this Hugging Face repo."),
@@ -92,9 +92,9 @@ def train(  # long only by its options: the body is parse, start_run, report
         err.print(describe(run))
     with progress_reports(run) as report:
         run.trainer.run(progress=report)
+    finish_distributed(run.trainer.device)  # all together, before rank 0's pictures and upload
     if run.processes.main:
         finish(run, push_to_hub)
-    finish_distributed()
     if not run.finished:
         raise typer.Exit(128 + (run.trainer.stop_signal or 15))
 

@@ -11,20 +11,26 @@ import json
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from jetcli.config import JetConfig
-from jetcli.data import ImageSet, Stream
+from jetcli.data import ImageSet, Stream, dequantize, uniform
 from jetcli.likelihood import bits_per_dim
 from jetcli.model import Jet
 from jetcli.precision import compute_context
-from jetcli.train.distributed import Distributed
+from jetcli.train.distributed import Distributed, data_parallel, in_process_group
 from jetcli.train.metrics import METRICS_NAME
 from jetcli.train.options import TrainOptions, check_options
 from jetcli.train.schedule import lr_factor, make_optimizer
 from jetcli.train.state import restore_run, save_run, tidy_run_folder
+
+
+class MicroBatch(NamedTuple):
+    positions: torch.Tensor  # stream positions (B,): they fix each item's image, crop and noise
+    pixels: torch.Tensor  # uint8 (B, H, W, 3)
 
 
 class Trainer:
@@ -41,9 +47,7 @@ class Trainer:
         self.model = Jet(config).to(self.device)
         self.optimizer = make_optimizer(self.model, opts)
         self.ema = self.fresh_ema() if opts.ema else None
-        self.ddp = (torch.nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-            if processes.world > 1 else None)
+        self.ddp = data_parallel(self.model, self.device) if in_process_group() else None
         network = self.ddp or self.model
         self.forward = torch.compile(network) if opts.compile else network
         self.step = 0
@@ -56,18 +60,18 @@ class Trainer:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     # ------------------------------------------------------------------ data
-    def batch_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """Dequantised images (B, H, W, 3) in [-1, 1], on the CPU, for these stream positions (see
-        jetcli.data.Stream for uint8 pixels and noise made on a device instead)."""
-        return self.train_stream.batch(positions)
+    def batch_at(self, positions: torch.Tensor) -> MicroBatch:
+        """The uint8 items at these stream positions, page-locked when training on a GPU (so that their
+        copy runs asynchronously); `model_input` dequantises them on the device."""
+        return MicroBatch(positions, self.train_stream.pixels(positions, pin=self.device.type == "cuda"))
 
-    def micro_batches(self, step: int) -> list[torch.Tensor]:
+    def micro_batches(self, step: int) -> list[MicroBatch]:
         """This process's contiguous share of global batch `step`, as `grad_accum` micro-batches."""
         share = self.opts.batch_size // self.processes.world
         first = step * self.opts.batch_size + self.processes.rank * share
         return [self.batch_at(part) for part in torch.arange(first, first + share).tensor_split(self.opts.grad_accum)]
 
-    def _take_micro_batches(self) -> list[torch.Tensor]:
+    def _take_micro_batches(self) -> list[MicroBatch]:
         """This step's micro-batches (prepared in the background during the previous step), and start on
         the next step's: the data are a pure function of the step, so preparing them early changes nothing."""
         ready = self._prefetch.pop(self.step, None)
@@ -77,36 +81,65 @@ class Trainer:
         return batches
 
     # ------------------------------------------------------------------ one step
-    def train_step(self) -> dict:
-        """One optimiser step on the global batch; returns its mean bits/dim and friends."""
+    def model_input(self, batch: MicroBatch) -> torch.Tensor:
+        """A micro-batch as the model takes it, dequantised on the device: uint8 pixels cross (a quarter of
+        float32's bytes) and the noise is made there, hashed from each item's key (jetcli.data: the same
+        values as on the CPU). The copies are asynchronous: nothing waits for the device."""
+        keys = self.train_stream.keys(batch.positions).to(self.device, non_blocking=True)
+        pixels = batch.pixels.to(self.device, non_blocking=True)
+        return dequantize(pixels, uniform(keys, pixels[0].numel()).view(pixels.shape))
+
+    def train_step(self) -> torch.Tensor:
+        """One optimiser step on the global batch. Returns its STATS on the device, unread: nothing here
+        waits for the device, and `read_stats` reads the statistics of many steps at once."""
         self.model.train()
-        lr = self.opts.lr * lr_factor(self.step, self.opts.steps, self.opts.warmup)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.lr_at(self.step)
         batches = self._take_micro_batches()
-        totals = torch.zeros(3, device=self.device)  # bpd, nll and logdet summed over this process's images
-        for k, x in enumerate(batches):
+        sums = torch.zeros(3, device=self.device)  # bpd, nll and logdet summed over this process's images
+        for k, batch in enumerate(batches):
             last = k == len(batches) - 1
             with contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync():
                 with compute_context(self.device, self.opts.precision):
-                    z, logdet = self.forward(x.to(self.device))
+                    z, logdet = self.forward(self.model_input(batch))
                 bits = bits_per_dim(z.float(), logdet.float())
                 # DDP averages gradients over processes: scale so the sum is the global batch mean.
                 (bits.bpd.sum() * self.processes.world / self.opts.batch_size).backward()
-            totals += torch.stack([bits.bpd.sum(), bits.nll.sum(), bits.logdet.sum()]).detach()
-        if self.ddp is not None:
-            dist.all_reduce(totals)
+            sums += torch.stack([bits.bpd.sum(), bits.nll.sum(), bits.logdet.sum()]).detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            with torch.no_grad():
-                for k, v in self.model.state_dict().items():
-                    if v.is_floating_point():
-                        self.ema[k].lerp_(v, 1 - self.opts.ema)
+        self.update_ema()
         self.step += 1
-        bpd, nll, logdet = (totals / self.opts.batch_size).tolist()
-        return {"bpd": bpd, "nll": nll, "logdet": logdet, "grad_norm": grad_norm.item(), "lr": lr}
+        return torch.cat([sums, grad_norm.detach().reshape(1).to(sums.dtype)])
+
+    def lr_at(self, step: int) -> float:
+        return self.opts.lr * lr_factor(step, self.opts.steps, self.opts.warmup)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- ema + (1 - decay) (weights - ema), one multi-tensor kernel for all the tensors."""
+        if self.ema is None:
+            return
+        weights = {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
+        torch._foreach_lerp_([self.ema[k] for k in weights], list(weights.values()), 1 - self.opts.ema)
+
+    def read_stats(self, steps: list[int], stats: list[torch.Tensor]) -> tuple[list[dict], bool]:
+        """The metric records of these steps from their STATS (train_step), and whether any process was
+        asked to stop: one all_reduce over the processes and one wait for the device, for all of them."""
+        stacked = torch.stack(stats)
+        sums, grad_norms = stacked[:, :3], stacked[:, 3]
+        if self.ddp is not None:  # the stop flags ride along: any process's signal stops them all
+            shared = torch.cat([sums.flatten(), sums.new_tensor([float(self.stop_signal is not None)])])
+            dist.all_reduce(shared)
+            sums, stop_votes = shared[:-1].view_as(sums), shared[-1:]
+        else:
+            stop_votes = sums.new_tensor([float(self.stop_signal is not None)])
+        means = sums / self.opts.batch_size
+        values = torch.cat([means, grad_norms[:, None], stop_votes.expand(len(steps), 1)], dim=1).tolist()
+        records = [{"step": step, "bpd": bpd, "nll": nll, "logdet": logdet, "grad_norm": grad_norm,
+                    "lr": self.lr_at(step - 1)} for step, (bpd, nll, logdet, grad_norm, _) in zip(steps, values)]
+        return records, values[-1][-1] > 0
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -142,7 +175,11 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self, progress=None) -> list[dict]:
         """Train to `opts.steps`, checkpointing every `ckpt_every` steps and when SIGINT/SIGTERM asks to
-        stop (a second signal gets the default behaviour). Returns this session's metric records."""
+        stop (a second signal gets the default behaviour). Returns this session's metric records.
+
+        The device runs ahead of the host: the statistics of the steps are read together (`read_stats`)
+        every `log_every` steps and before an evaluation, a checkpoint or the end, and processes agree
+        on a stop there too; a single process also stops at the first step after the signal."""
         out, main = self.opts.out, self.processes.main
         if main:
             out.mkdir(parents=True, exist_ok=True)
@@ -150,27 +187,41 @@ class Trainer:
         self._handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         # A fresh run replaces the metrics of one that was killed before its first checkpoint.
         metrics = open(out / METRICS_NAME, "a" if self.step else "w") if main else None
+        tick, pending = time.perf_counter(), []
+
+        def report(evaluate: bool) -> bool:
+            """Read the pending steps' statistics, evaluate if asked, write the records; returns whether
+            the processes agree to stop."""
+            nonlocal pending
+            steps = list(range(self.step - len(pending) + 1, self.step + 1))
+            records, stop = self.read_stats(steps, pending)
+            records[-1]["img_per_s"] = len(pending) * self.opts.batch_size / (time.perf_counter() - tick)
+            pending = []
+            if evaluate:
+                records[-1]["val_bpd"] = self.evaluate()
+            history.extend(records)
+            if main:
+                metrics.write("".join(json.dumps(r) + "\n" for r in records))
+                metrics.flush()
+                for record in records if progress is not None else ():
+                    progress(record)
+            return stop
+
         try:
-            tick, seen = time.perf_counter(), 0
-            while self.step < self.opts.steps and not self.stop_agreed():
-                stats = self.train_step()
-                record = {"step": self.step, **stats}
-                seen += self.opts.batch_size
-                if self.step % self.opts.log_every == 0 or self.step == self.opts.steps:
-                    now = time.perf_counter()
-                    record["img_per_s"] = seen / (now - tick)
-                    tick, seen = now, 0
-                if self.val_set is not None and (self.step % self.opts.eval_every == 0
-                                                 or self.step == self.opts.steps):
-                    record["val_bpd"] = self.evaluate()
-                history.append(record)
-                if main:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    if progress is not None:
-                        progress(record)
-                if self.step % self.opts.ckpt_every == 0:
-                    self.save()
+            stop = False
+            # One process stops at the first step boundary after a signal; several agree in `report`.
+            while self.step < self.opts.steps and not stop and not (self.ddp is None and self.stop_signal is not None):
+                pending.append(self.train_step())
+                step = self.step
+                evaluate = self.val_set is not None and (step % self.opts.eval_every == 0 or step == self.opts.steps)
+                checkpoint = step % self.opts.ckpt_every == 0
+                if evaluate or checkpoint or step % self.opts.log_every == 0 or step == self.opts.steps:
+                    stop = report(evaluate)
+                    if checkpoint:
+                        self.save()  # after the records of its steps: a resumed run never lacks one
+                    tick = time.perf_counter()  # the rate counts training, not evaluation or checkpoints
+            if pending:  # a single process stopped between reports
+                report(evaluate=False)
             if self.saved_step != self.step:
                 self.save()
         finally:
@@ -179,13 +230,6 @@ class Trainer:
             for sig, handler in self._handlers.items():
                 signal.signal(sig, handler)
         return history
-
-    def stop_agreed(self) -> bool:
-        """Whether any process was asked to stop: all must leave the loop at the same step."""
-        flag = torch.tensor([float(self.stop_signal is not None)], device=self.device)
-        if self.ddp is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def _request_stop(self, signum, frame):
         self.stop_signal = signum

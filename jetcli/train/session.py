@@ -15,7 +15,8 @@ from jetcli.train.loop import Trainer
 from jetcli.train.metrics import CURVES_NAME, SAMPLES_NAME, plot_curves, read_metrics, save_samples
 from jetcli.train.schedule import epoch_steps
 from jetcli.train.options import RunSettings, TrainOptions
-from jetcli.train.state import DATA_KEYS, check_new_run_folder, resume_settings, resumed_config
+from jetcli.train.state import (ASKED_PRECISION, DATA_KEYS, check_new_run_folder, resume_settings,
+                                resumed_config)
 
 
 @dataclass
@@ -45,6 +46,7 @@ def start_run(settings: RunSettings, given: set[str] = frozenset(), command: str
     if settings.precision not in CHOICES:
         raise SettingError("{precision} {value!r}: expected {choices}", value=settings.precision,
                            choices=", ".join(CHOICES))
+    processes, device = init_distributed(resolve_device(settings.device))
     train_set, val_set = load_datasets(settings.data, settings.val, settings.val_fraction, settings.crop,
                                        settings.seed, settings.flip)
     if settings.epochs is not None:
@@ -54,7 +56,6 @@ def start_run(settings: RunSettings, given: set[str] = frozenset(), command: str
     config = model_config(settings, train_set.image_size)
     if saved_config is not None:
         config = resumed_config(saved_config, config, given, train_set.image_size)
-    processes, device = init_distributed(resolve_device(settings.device))
     opts = train_options(settings, device, {"train_images": len(train_set),
                                             "val_images": len(val_set) if val_set is not None else 0,
                                             "command": command})
@@ -86,11 +87,12 @@ def model_config(settings: RunSettings, image_size: tuple[int, int]) -> JetConfi
 
 
 def train_options(settings: RunSettings, device, about_run: dict) -> TrainOptions:
-    """The loop's options; `extra` keeps the data sources (for resuming) and `about_run` (image counts
-    and the command, for the model card)."""
+    """The loop's options; `extra` keeps the data sources and the precision as asked (for resuming: "auto"
+    is resolved again for the device of each session) and `about_run` (image counts and the command, for
+    the model card)."""
     names = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "clip", "ema", "seed",
              "eval_every", "ckpt_every", "compile")
-    extra = {**{k: getattr(settings, k) for k in DATA_KEYS}, **about_run}
+    extra = {**{k: getattr(settings, k) for k in DATA_KEYS}, ASKED_PRECISION: settings.precision, **about_run}
     return TrainOptions(out=settings.out, precision=resolve(settings.precision, device), device=str(device),
                         extra=extra, **{k: getattr(settings, k) for k in names})
 

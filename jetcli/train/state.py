@@ -6,7 +6,8 @@ stopped and resumed ends bit-identical to an uninterrupted one on CPU.
 
 What a resumed run may change: the settings in KEPT_ON_RESUME fix what it computes and must stay; the
 rest of RESUMABLE are restored from the run unless given again (a longer `steps`, another `precision`
-or `grad_accum` on another machine); the model fields (MODEL_FIELDS) must give the run's config.
+or `grad_accum` on another machine); the model fields (MODEL_FIELDS) must give the run's config. The
+precision is restored as it was asked: a run started with "auto" picks again for the device it resumes on.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ KEPT_ON_RESUME = ("data", "val", "val_fraction", "crop", "flip", "batch_size", "
                   "warmup", "clip", "ema", "seed")
 RESUMABLE = KEPT_ON_RESUME + ("steps", "grad_accum", "eval_every", "ckpt_every", "precision", "compile")
 DATA_KEYS = ("data", "val", "val_fraction", "crop", "flip")  # kept in the options' `extra`, with the command
+# Also in `extra`: the precision as asked ("auto"), where `precision` is what it resolved to on the device
+# of the session that saved. Runs saved before it was kept resume with their resolved precision.
+ASKED_PRECISION = "asked_precision"
 MODEL_FIELDS = ("preset_name", "couplings", "block_depth", "width", "heads", "patch_size", "kinds")
 # Everything a run writes in its folder (and ema/): a new run refuses a folder holding any of the outputs.
 OUTPUT_NAMES = (checkpoints.WEIGHTS_NAME, checkpoints.CONFIG_NAME, EMA_DIR, CURVES_NAME, SAMPLES_NAME)
@@ -151,6 +155,8 @@ def saved_run(out: Path) -> tuple[JetConfig, dict]:
     extra = options.get("extra") or {}
     flat = {k: options[k] for k in RESUMABLE if k in options}
     flat.update({k: extra.get(k) for k in DATA_KEYS})
+    if extra.get(ASKED_PRECISION) is not None:
+        flat["precision"] = extra[ASKED_PRECISION]
     flat["val_fraction"] = flat["val_fraction"] or 0.0
     return config, flat
 
