@@ -296,14 +296,19 @@ def part_train(smoke: bool, compile: bool = False) -> dict:
             try:
                 records, warm_s, seconds = timed_training(Trainer(config, images, None, opts), warmup, timed_steps)
                 break
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 tries.append(f"grad_accum {grad_accum}: out of memory")
             torch.cuda.empty_cache()  # after the handler: the failed attempt's tensors are gone
         else:
             raise RuntimeError(f"out of memory even one image per micro-batch: {tries}")
+    memory = peak_memory_gib(device)  # of the timed steps, before the matmul rates below
     images_per_s = batch * timed_steps / seconds
     achieved = images_per_s * flops_per_image
-    peak = bf16_matmul_rate(config, batch // grad_accum, device)
+    # The model's largest product (the MLP's first layer over a micro-batch's tokens) sets the peak, as
+    # in benchmarks/run.py; a large square product's rate is recorded beside it.
+    width = config.width
+    peak = bf16_matmul_rate(batch // grad_accum * config.num_patches, width, config.mlp_ratio * width, device)
+    square = bf16_matmul_rate(*(512 if smoke else 8192,) * 3, device)
     mfu = achieved / peak
     finite = all(math.isfinite(r["bpd"]) and math.isfinite(r["grad_norm"]) for r in records)
     return {"passed": finite and (smoke or mfu >= MFU_TARGET), "preset": name, "batch": batch,
@@ -312,7 +317,8 @@ def part_train(smoke: bool, compile: bool = False) -> dict:
             "step_s": seconds / timed_steps, "images_per_s": images_per_s,
             "matmul_tflop_per_image": flops_per_image / 1e12, "achieved_tflop_per_s": achieved / 1e12,
             "bf16_matmul_tflop_per_s": peak / 1e12, "mfu": mfu, "mfu_target": MFU_TARGET,
-            "peak_memory_gib": peak_memory_gib(device), "out_of_memory_tries": tries,
+            "bf16_square_matmul_tflop_per_s": square / 1e12, "mfu_vs_square_matmul": achieved / square,
+            "peak_memory_gib": memory, "out_of_memory_tries": tries,
             "last_bpd": records[-1]["bpd"]}
 
 
@@ -333,14 +339,12 @@ def part_train_compiled(smoke: bool) -> dict:
     return part_train(smoke, compile=True)
 
 
-def bf16_matmul_rate(config, micro_batch: int, device: torch.device) -> float:
-    """FLOP/s of the model's largest product (the MLP's first layer over a micro-batch's tokens) in bf16,
-    back to back, one wait per window; the best of five windows."""
-
-    tokens, width, hidden = micro_batch * config.num_patches, config.width, config.mlp_ratio * config.width
-    x = torch.randn(tokens, width, device=device, dtype=torch.bfloat16)
-    weight = torch.randn(hidden, width, device=device, dtype=torch.bfloat16)
-    flops, best = 2 * tokens * width * hidden, 0.0
+def bf16_matmul_rate(rows: int, inner: int, cols: int, device: torch.device) -> float:
+    """FLOP/s of a bf16 product (rows, inner) x (inner, cols), back to back with one wait per window; the
+    best of five windows."""
+    x = torch.randn(rows, inner, device=device, dtype=torch.bfloat16)
+    weight = torch.randn(cols, inner, device=device, dtype=torch.bfloat16)
+    flops, best = 2 * rows * inner * cols, 0.0
     with torch.inference_mode():
         F.linear(x, weight)
         for _ in range(5):
