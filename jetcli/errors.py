@@ -1,4 +1,4 @@
-"""The error that names settings: worded by field here, by each front end in its own terms."""
+"""The error (and warning) that names settings: worded by field here, by each front end in its own terms."""
 
 from __future__ import annotations
 
@@ -24,6 +24,17 @@ class SettingError(ValueError):
     def of(cls, error: Exception) -> SettingError:
         """Another library's ValueError about a setting, its message kept as it is."""
         return cls("{reason}", reason=str(error))
+
+
+class SettingWarning(UserWarning):
+    """A setting that is used, but whose consequences the user should know; its message is a template
+    worded like SettingError's."""
+
+    def __init__(self, template: str, **values):
+        self.template, self.values = template, values
+        super().__init__(self.worded(str))
+
+    worded = SettingError.worded
 
 
 class _Lookup(dict):

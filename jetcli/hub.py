@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+import functools
 import importlib.resources
 import re
 from dataclasses import dataclass
@@ -52,11 +53,18 @@ class LoadedModel:
     format: str  # "jetcli", "jet-pytorch" or "big_vision"
 
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        with open(self.weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        """Of the weights file, as `sha256sum` gives it: the model's identity in latents and reports."""
+        stat = self.weights.stat()
+        return _file_sha256(self.weights, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)  # a command asks once per file it writes; the file is read once
+def _file_sha256(path: Path, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_model(spec: str | None = None) -> LoadedModel:

@@ -10,7 +10,8 @@ Which files are read, and how (the same policy for every command):
 - Refused: 16-bit and float images (Pillow would cut them to 8 bits; how to round is the user's choice),
   CMYK, YCbCr, LAB and HSV (Pillow's conversions ignore colour profiles, so the pixels would not be the
   picture the user sees), and animations or multi-page files (which frame?).
-- Pixels are read as stored: EXIF orientation and ICC profiles are not applied.
+- Pixels are read as stored: EXIF orientation and ICC profiles are not applied (a file whose EXIF
+  orientation asks viewers to rotate or flip it gets a warning).
 - Decompression bombs: images with more than `MAX_PIXELS` pixels (Pillow's limit, about 89
   megapixels) are refused from their header, before any pixel is decoded.
 """
@@ -31,6 +32,7 @@ from jetcli.fileio import atomic_write, one_line
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 EXACT_MODES = {"RGB", "RGBA", "L", "LA", "1", "P", "PA"}
+ORIENTATION_TAG = 0x0112  # EXIF: 1 is upright; 2-8 ask for a flip and/or a rotation
 
 
 class ImageError(ValueError):
@@ -54,6 +56,7 @@ def read_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
         # untrusted bytes, any of them means "not a readable image".
         except Exception as e:
             raise ImageError(f"{name}: cannot decode the image ({one_line(e)})") from None
+        _warn_of_orientation(im, name)
         if rgba is not None:
             transparent = int((rgba[..., 3] != 255).sum())
             if transparent:
@@ -61,6 +64,15 @@ def read_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
                                  "(flatten the image onto a background first)")
             return np.ascontiguousarray(rgba[..., :3])
         return np.array(rgb, dtype=np.uint8)
+
+
+def _warn_of_orientation(im: Image.Image, name: str) -> None:
+    orientation = 1
+    with contextlib.suppress(Exception):  # damaged EXIF: nothing to say about it
+        orientation = im.getexif().get(ORIENTATION_TAG, 1)
+    if orientation not in (1, None):
+        _warn_once(f"{name}: its EXIF orientation ({orientation}) asks viewers to rotate or flip it; jet reads the "
+                   "pixels as stored (save it upright first for the picture viewers show)")
 
 
 def probe(source: str | Path | bytes, name: str | None = None) -> tuple[int, int]:
@@ -157,8 +169,11 @@ def covered(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
-    """Tile uint8 images (N, H, W, 3) into a near-square grid with `pad` white pixels between them."""
+    """Tile uint8 images (N, H, W, 3) into a near-square grid with `pad` white pixels between them; a
+    grid of one is the bare image."""
     n, h, w, c = images.shape
+    if n == 1:
+        return images[0]
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
     out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
@@ -166,6 +181,11 @@ def grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
         r, k = divmod(i, cols)
         out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = im
     return out
+
+
+def zoom(images: np.ndarray, factor: int) -> np.ndarray:
+    """Images (N, H, W, C) enlarged `factor` times by repeating pixels (nearest neighbour: no new values)."""
+    return images.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else images
 
 
 def png_bytes(array: np.ndarray, optimize: bool = False) -> bytes:

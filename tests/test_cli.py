@@ -28,9 +28,10 @@ from typer.testing import CliRunner
 
 from jetcli import JetConfig, __version__, checkpoints, hub
 from jetcli.cli import app
-from jetcli.images import covered, grid, png_bytes, tiles
+from jetcli.images import covered, grid, pad_to_tiles, png_bytes, tiles
 from jetcli.likelihood import image_bits
 from jetcli.precision import resolve
+from jetcli.scoring import tile_generators
 from jetcli.testing import random_jet
 
 COMMANDS = ("train", "bpd", "sample", "encode", "decode", "info")
@@ -91,12 +92,15 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
-def reference_bits(model, paths, seed=0, samples=1):
-    """Per-image tile bpds computed with the library directly, drawing noise in the CLI's order."""
-    generator = torch.Generator().manual_seed(seed)
+def reference_bits(model, path, seed=0, samples=1) -> float:
+    """An image's bits as jet bpd defines them, computed with the library tile by tile: the edge-padded
+    image's tiles, each with its own noise generator (scoring.tile_generators)."""
+    image = pixels(path)
+    padded = tiles(pad_to_tiles(image, (16, 16)), (16, 16))
+    generators = tile_generators(image, seed, len(padded))
     with torch.inference_mode():
-        return [image_bits(model, torch.from_numpy(tiles(pixels(p), (16, 16))), samples, generator).bpd.double().numpy()
-                for p in paths]
+        return sum(float(image_bits(model, torch.from_numpy(tile[None]), samples, g).bpd) * tile.size
+                   for tile, g in zip(padded, generators))
 
 
 def fake_hub_repo(hub_cache: Path, repo: str, files: dict[str, Path], refs=("main",)) -> str:
@@ -145,28 +149,54 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(run, files):
     user_error(run("bpd", files / "even.png", "-m", files / "own", "--json", "--csv"), "choose one")
     if not torch.cuda.is_available():
         user_error(run("sample", "-m", files / "own", "--device", "cuda"), "no CUDA device is available")
-    result = run("--debug", "bpd", files / "tiny.png", "-m", files / "own")
-    assert result.exit_code != 0 and type(result.exception).__name__ == "ImageError"
+    for args in (["--debug", "bpd"], ["bpd", "--debug"]):  # --debug is taken after the command too
+        result = run(*args, files / "missing.png", "-m", files / "own")
+        assert result.exit_code != 0 and type(result.exception).__name__ == "ImageError"
+    assert run("bpd", "--", "--debug", "-m", files / "own").exit_code == 2  # after --, a file name
 
 
 # --------------------------------------------------------------------------- bpd
-def test_bpd_json_matches_the_library_on_tiles_and_png(run, files, jet):
-    images = [files / "ragged.png", files / "even.png"]
+def test_bpd_json_counts_every_pixel_and_matches_the_library(run, files, jet):
+    images = [files / "ragged.png", files / "even.png", files / "tiny.png"]
     result = json.loads(ok(run("bpd", *images, "-m", files / "own", "--json")).stdout)
-    assert set(result) == {"model", "precision", "images", "mean_bpd", "sem"}
+    assert set(result) == {"model", "model_sha256", "jetcli_version", "precision", "device", "seed", "samples",
+                           "batch_size", "complete", "images", "skipped", "mean_bpd", "sem", "png_bpd", "tiles",
+                           "pixels", "padded_pixels"}
     assert result["model"] == str(files / "own") and result["precision"] == "fp32"  # the default: exact numbers
-    expected = reference_bits(jet, images)
-    tile_bpds = np.concatenate(expected)
-    # ragged 40x50 -> 2x3 tiles of 16x16, the 8-row and 2-column remainders dropped; even 32x48 -> 2x3
-    assert [r["tiles"] for r in result["images"]] == [6, 6]
-    for row, path, bits in zip(result["images"], images, expected):
-        assert set(row) == {"path", "bpd", "png_bpd", "tiles"} and row["path"] == str(path)
-        assert row["bpd"] == pytest.approx(bits.mean(), rel=1e-6)
-        kept = covered(pixels(path), (16, 16))
-        assert kept.shape == (32, 48, 3)
-        assert row["png_bpd"] == 8 * len(png_bytes(kept, optimize=True)) / kept.size
-    assert result["mean_bpd"] == pytest.approx(tile_bpds.mean(), rel=1e-6)
-    assert result["sem"] == pytest.approx(tile_bpds.std(ddof=1) / math.sqrt(12), rel=1e-5)
+    assert result["model_sha256"] == hashlib.sha256((files / "own" / "model.safetensors").read_bytes()).hexdigest()
+    assert (result["jetcli_version"], result["seed"], result["samples"]) == (__version__, 0, 1)
+    assert result["complete"] is True and result["skipped"] == []
+    # ragged 40x50 pads to 48x64: 3x4 tiles; even 32x48 is 2x3 whole tiles; tiny 8x8 pads to one tile
+    rows = result["images"]
+    assert [(r["height"], r["width"], r["tiles"], r["padded_pixels"]) for r in rows] == [
+        (40, 50, 12, 48 * 64 - 40 * 50), (32, 48, 6, 0), (8, 8, 1, 256 - 64)]
+    bits = [reference_bits(jet, path) for path in images]
+    dims = np.array([40 * 50 * 3, 32 * 48 * 3, 8 * 8 * 3])
+    for row, path, image_bits_, image_dims in zip(rows, images, bits, dims):
+        assert set(row) == {"path", "height", "width", "tiles", "padded_pixels", "bpd", "png_bpd"}
+        assert row["path"] == str(path)
+        assert row["bpd"] == pytest.approx(image_bits_ / image_dims, rel=1e-6)  # over the image's own dims
+        assert row["png_bpd"] == 8 * len(png_bytes(pixels(path), optimize=True)) / image_dims
+    assert result["mean_bpd"] == pytest.approx(sum(bits) / dims.sum(), rel=1e-6)
+    per_image = np.array(bits) / dims  # the ratio estimator's standard error, images as draws
+    weights = dims / dims.sum()
+    expected_sem = math.sqrt(3 / 2 * np.sum(weights ** 2 * (per_image - result["mean_bpd"]) ** 2))
+    assert result["sem"] == pytest.approx(expected_sem, rel=1e-5)
+    assert (result["tiles"], result["pixels"]) == (19, 40 * 50 + 32 * 48 + 64)
+
+
+def test_bpd_of_an_image_is_the_same_alone_beside_others_and_in_any_order(run, files, tmp_path):
+    def scores(*paths, options=()):
+        rows = json.loads(ok(run("bpd", *paths, "-m", files / "own", "--json", *options)).stdout)["images"]
+        return {Path(r["path"]).name: r["bpd"] for r in rows}
+
+    alone = scores(files / "ragged.png")["ragged.png"]
+    assert scores(files / "even.png", files / "ragged.png")["ragged.png"] == alone
+    assert scores(files / "ragged.png", files / "even.png")["ragged.png"] == alone
+    shutil.copy(files / "ragged.png", tmp_path / "copy.png")  # another name, another folder: the same noise
+    assert scores(tmp_path / "copy.png")["copy.png"] == alone
+    assert scores(files / "ragged.png", options=("--batch-size", "5"))["ragged.png"] == pytest.approx(alone, rel=1e-6)
+    assert scores(files / "ragged.png", options=("--seed", "1"))["ragged.png"] != alone
 
 
 def test_bpd_same_in_all_three_checkpoint_layouts(run, files):
@@ -200,22 +230,24 @@ def test_bpd_folders_stdin_lists_csv_and_table(run, files, tmp_path):
     shutil.copy(files / "ragged.png", tmp_path / "set" / "b.PNG")
     (tmp_path / "set" / "notes.txt").write_text("not an image")
     csv = ok(run("bpd", "set", "-m", files / "own", "--csv")).stdout.splitlines()
-    assert csv[0] == "path,tiles,bpd,png_bpd"
-    assert [line.split(",")[:2] for line in csv[1:]] == [[str(Path("set", "b.PNG")), "6"],
-                                                         [str(Path("set", "deeper", "a.png")), "6"]]
+    assert csv[0] == ("path,height,width,tiles,padded_pixels,bpd,png_bpd,model,model_sha256,precision,seed,samples,"
+                      "jetcli_version")
+    assert [line.split(",")[:5] for line in csv[1:]] == [[str(Path("set", "b.PNG")), "40", "50", "12", "1072"],
+                                                         [str(Path("set", "deeper", "a.png")), "32", "48", "6", "0"]]
+    assert all(line.split(",")[7:] == [str(files / "own"), hashlib.sha256((files / "own" / "model.safetensors")
+                                       .read_bytes()).hexdigest(), "fp32", "0", "1", __version__] for line in csv[1:])
     listed = ok(run("bpd", "-", "-m", files / "own", "--csv", input=f"{nested / 'a.png'}\n\n")).stdout
     alone = ok(run("bpd", nested / "a.png", "-m", files / "own", "--csv")).stdout
     assert listed.splitlines()[1:] == [f"{nested / 'a.png'}," + alone.splitlines()[1].split(",", 1)[1]]
     table = ok(run("bpd", nested / "a.png", "-m", files / "own")).stdout
-    assert "a.png" in table and "over 6 tiles of 1 image; PNG" in table
-    user_error(run("bpd", "set", "missing.png", "-m", files / "own"), "missing.png: no such file")
+    assert "a.png" in table and "over 1 image (6 tiles, 0.0% padding); PNG" in table
     (tmp_path / "none").mkdir()
     user_error(run("bpd", "none", "-m", files / "own"), "none: no images found")
 
 
-def test_bpd_refuses_images_smaller_than_a_tile(run, files):
-    user_error(run("bpd", files / "even.png", files / "tiny.png", "-m", files / "own"),
-               "tiny.png: 8x8 (height x width) is smaller than the model's 16x16 input")
+def test_bpd_scores_images_smaller_than_a_tile_padded_to_one(run, files):
+    table = ok(run("bpd", files / "tiny.png", "-m", files / "own")).stdout
+    assert "8x8" in table and "300.0%" in table  # 192 padding pixels for its 64
 
 
 # --------------------------------------------------------------------------- sample
@@ -247,20 +279,23 @@ def test_sample_grid_folder_seed_and_overwrite(run, files, tmp_path):
 # --------------------------------------------------------------------------- encode / decode
 def test_encode_decode_round_trip_through_files_and_folders(run, files, tmp_path):
     own = files / "own"
-    ok(run("encode", files / "even.png", "-o", "even.npy", "-m", own))
-    latent = np.load("even.npy", allow_pickle=False)
+    ok(run("encode", files / "even.png", "-o", "even.npy", "-m", own))  # .npy: the same archive
+    with np.load("even.npy", allow_pickle=False) as archive:  # what the README tells numpy users
+        latent, header = archive["latent"], json.loads(archive["header"][()])
     assert latent.shape == (32, 48, 3) and latent.dtype == np.float32
+    assert (header["height"], header["width"], header["tile"]) == (32, 48, [16, 16])
+    assert header["model_sha256"] == hashlib.sha256((own / "model.safetensors").read_bytes()).hexdigest()
     ok(run("decode", "even.npy", "-o", "even.png", "-m", own))
     assert np.array_equal(pixels("even.png"), pixels(files / "even.png"))
     shutil.copy(files / "even.png", tmp_path / "second.png")
     result = ok(run("encode", files / "even.png", "second.png", "-o", "latents", "-m", own))
     assert "round trip verified" in result.stderr
-    ok(run("decode", "latents/even.npy", "latents/second.npy", "-o", "back/", "-m", own))
+    ok(run("decode", "latents/even.npz", "latents/second.npz", "-o", "back/", "-m", own))
     for name in ("even", "second"):
         assert np.array_equal(pixels(tmp_path / "back" / f"{name}.png"), pixels(files / "even.png"))
     # stdout when -o is omitted (CliRunner's stdout is not a terminal), stdin when the input is "-"
     data = ok(run("encode", files / "even.png", "-m", own)).stdout_bytes
-    assert np.array_equal(np.load(io.BytesIO(data)), latent)
+    assert data == Path("even.npy").read_bytes()  # deterministic, to the byte
     png = ok(run("decode", "-", "-m", own, input=data)).stdout_bytes
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), pixels(files / "even.png"))
     assert "not verified" in ok(run("encode", "-", "-o", "nv.npy", "--no-verify", "-m", own,
@@ -277,6 +312,7 @@ def test_encode_decode_refuse_to_overwrite_or_to_write_binary_to_a_terminal(run,
     assert Path("image.npy").read_bytes() == (files / "even.png").read_bytes()
     user_error(run("encode", files / "even.png", files / "ragged.png", "-m", own), "pass -o DIR")
     user_error(run("decode", "taken.npy", "-o", "out.jpg", "-m", own), "is a .png file")
+    user_error(run("encode", files / "even.png", "-o", "out.png", "-m", own), "is a .npz or .npy file")
     user_error(run("encode", "a.png", "b/a.png", "-o", "dir", "-m", own), "would both write")
 
     class Terminal(io.BytesIO):
@@ -288,10 +324,15 @@ def test_encode_decode_refuse_to_overwrite_or_to_write_binary_to_a_terminal(run,
     user_error(run("decode", "taken.npy", "-m", own), "refusing to write binary data to a terminal")
 
 
-def test_encode_refuses_images_it_cannot_tile(run, files):
-    user_error(run("encode", files / "ragged.png", "-o", "r.npy", "-m", files / "own"),
-               "ragged.png: image is 40x50", "whole multiples of 16x16")
-    assert not Path("r.npy").exists()
+@pytest.mark.parametrize("size", [(40, 50), (1, 1), (17, 3), (3, 33)])
+def test_encode_decode_any_size(run, files, size):
+    image = np.random.default_rng(sum(size)).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(image).save("odd.png")
+    result = ok(run("encode", "odd.png", "-o", "odd.npz", "-m", files / "own"))
+    padded = tuple(-(-side // 16) * 16 for side in size)
+    assert f"{size[0]}x{size[1]} (padded to {padded[0]}x{padded[1]})" in result.stderr
+    ok(run("decode", "odd.npz", "-o", "back.png", "-m", files / "own"))
+    assert np.array_equal(pixels("back.png"), image)
 
 
 def test_decode_refuses_bad_latents(run, files, tmp_path):
@@ -312,8 +353,13 @@ def test_decode_refuses_bad_latents(run, files, tmp_path):
     np.savez("archive.npz", latent=good)
     Path("junk.npy").write_bytes(b"\x93NUMPY garbage")
     Path("empty.npy").write_bytes(b"")
-    cases.update({"pickled.npy": (None, "not a .npy latent"), "archive.npz": (None, "an .npz archive"),
-                  "junk.npy": (None, "not a .npy latent"), "empty.npy": (None, "not a .npy latent")})
+    shutil.copy(files / "even.png", "image.npy")
+    ok(run("encode", files / "even.png", "-o", "other.npz", "-m", files / "jp.safetensors"))  # same weights,
+    cases.update({"pickled.npy": (None, "pickled Python objects, which are never loaded"),  # another file
+                  "archive.npz": (None, "an .npz archive of latent.npy, not a latent file"),
+                  "junk.npy": (None, "not a readable .npy latent"), "empty.npy": (None, "the file is empty"),
+                  "image.npy": (None, "it is a PNG image (jet encode turns images into latents)"),
+                  "other.npz": (None, "encoded with another model")})
     for name, (_, message) in cases.items():
         user_error(run("decode", name, "-o", f"{name}.png", "-m", own), f"{name}: ", message)
         assert not Path(f"{name}.png").exists()
@@ -333,21 +379,26 @@ def test_info_json_for_every_layout(run, files, jet, name, fmt):
     assert result["sha256"] in text and fmt in text
 
 
-def test_default_model_is_found_through_the_package(run, files, tmp_path, monkeypatch):
+def test_embedded_models_are_found_through_the_package(run, files, tmp_path, monkeypatch):
     assert Path(str(__import__("importlib").resources.files("jetcli.weights"))) == REPO_ROOT / "weights"
+    assert hub.DEFAULT_MODEL in hub.embedded_models()
     package = tmp_path / "fake_weights"
-    package.mkdir()
+    (package / "tiny").mkdir(parents=True)
     (package / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(hub, "DEFAULT_PACKAGE", "fake_weights")
-    user_error(run("info"), "no default model", "model.safetensors is missing", "--model")
+    monkeypatch.setattr(hub, "EMBEDDED_PACKAGE", "fake_weights")
+    monkeypatch.setattr(hub, "DEFAULT_MODEL", "tiny")
+    user_error(run("info"), "no embedded model 'tiny'", "--model")
     for name in ("model.safetensors", "config.json"):
-        shutil.copy(files / "own" / name, package / name)
+        shutil.copy(files / "own" / name, package / "tiny" / name)
     result = json.loads(ok(run("info", "--json")).stdout)
-    assert result["model"] == "default" and result["weights"] == str(package / "model.safetensors")
-    assert json.loads(ok(run("bpd", files / "even.png", "--json")).stdout)["model"] == "default"
-    monkeypatch.setattr(hub, "DEFAULT_PACKAGE", "no_such_weights_package")
-    user_error(run("info"), "has no default model")
+    assert result["model"] == "tiny" and result["weights"] == str(package / "tiny" / "model.safetensors")
+    assert json.loads(ok(run("bpd", files / "even.png", "--json")).stdout)["model"] == "tiny"
+    assert json.loads(ok(run("info", "-m", "tiny", "--json")).stdout)["model"] == "tiny"
+    Path("tiny").mkdir()  # a local path spelled like an embedded name wins
+    user_error(run("info", "-m", "tiny"), "tiny")
+    monkeypatch.setattr(hub, "EMBEDDED_PACKAGE", "no_such_weights_package")
+    user_error(run("info"), "has no embedded model")
 
 
 def test_hub_ids_from_the_offline_cache(run, files, tmp_path, monkeypatch):
@@ -412,9 +463,9 @@ def test_subprocess_encode_decode_pipe(files, tmp_path):
     assert np.array_equal(pixels(tmp_path / "out.png"), pixels(files / "even.png"))
 
 
-def test_wheel_ships_the_default_model(files, tmp_path):
-    """Build a wheel from a copy of the project with tiny weights in weights/, unpack it as an install
-    would, and run `python -m jetcli info` from it: the default model is found inside the package."""
+def test_wheel_ships_the_embedded_models(files, tmp_path):
+    """Build a wheel from a copy of the project with tiny weights in two folders of weights/, unpack it
+    as an install would, and run `python -m jetcli info` from it: both models are found in the package."""
     pytest.importorskip("setuptools")
     source = tmp_path / "src"
     source.mkdir()
@@ -422,25 +473,26 @@ def test_wheel_ships_the_default_model(files, tmp_path):
         if (REPO_ROOT / name).exists():
             shutil.copy(REPO_ROOT / name, source / name)
     shutil.copytree(REPO_ROOT / "jetcli", source / "jetcli", ignore=shutil.ignore_patterns("__pycache__"))
-    (source / "weights").mkdir()
+    shutil.copytree(files / "own", source / "weights" / hub.DEFAULT_MODEL)
+    shutil.copytree(files / "own", source / "weights" / "second")
     shutil.copy(REPO_ROOT / "weights" / "__init__.py", source / "weights")
-    for name in ("model.safetensors", "config.json"):
-        shutil.copy(files / "own" / name, source / "weights" / name)
     build = subprocess.run([sys.executable, "-c", "import setuptools.build_meta as b, sys; "
                                                   "print(b.build_wheel(sys.argv[1]))", str(tmp_path / "dist")],
                            cwd=source, capture_output=True, env=SUBPROCESS_ENV, timeout=120)
     assert build.returncode == 0, build.stderr.decode()[-2000:]
     wheel = tmp_path / "dist" / build.stdout.decode().split()[-1]
     with zipfile.ZipFile(wheel) as archive:
-        assert {"jetcli/weights/model.safetensors", "jetcli/weights/config.json"} <= set(archive.namelist())
+        assert {f"jetcli/weights/{name}/{file}" for name in (hub.DEFAULT_MODEL, "second")
+                for file in ("model.safetensors", "config.json")} <= set(archive.namelist())
         archive.extractall(tmp_path / "site")
     env = {**SUBPROCESS_ENV, "PYTHONPATH": str(tmp_path / "site")}
-    result = jet_process("info", "--json", env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr.decode()
-    info = json.loads(result.stdout)
-    assert info["model"] == "default"
-    assert info["weights"] == str(tmp_path / "site" / "jetcli" / "weights" / "model.safetensors")
-    assert info["sha256"] == hashlib.sha256((files / "own" / "model.safetensors").read_bytes()).hexdigest()
+    for args, name in ((), hub.DEFAULT_MODEL), (("-m", "second"), "second"):
+        result = jet_process("info", "--json", *args, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr.decode()
+        info = json.loads(result.stdout)
+        assert info["model"] == name
+        assert info["weights"] == str(tmp_path / "site" / "jetcli" / "weights" / name / "model.safetensors")
+        assert info["sha256"] == hashlib.sha256((files / "own" / "model.safetensors").read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- the image reading policy

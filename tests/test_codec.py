@@ -10,6 +10,7 @@ Three models stand in for the ones users bring:
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from hypothesis.extra.numpy import arrays
 from jetcli import codec
 from jetcli.codec import SAFE_MARGIN, CodecError, decode, encode, reconstruct
 from jetcli.config import JetConfig
+from jetcli.images import pad_to_tiles
 from jetcli.model import Jet
 
 SIZE = 32
@@ -299,9 +301,63 @@ def test_latent_outside_the_pixel_range_is_refused():
     (np.zeros((32, 32, 3), np.float32), "got float32"),
     (np.zeros((32, 32), np.uint8), r"shape \(32, 32\)"),
     (np.zeros((32, 32, 4), np.uint8), r"shape \(32, 32, 4\)"),
-    (np.zeros((48, 32, 3), np.uint8), "48x32 .* whole multiples of 32x32"),
-    (np.zeros((32, 33, 3), np.uint8), "32x33"),
+    (np.zeros((0, 32, 3), np.uint8), "0x32 .* it has no pixels"),
 ])
-def test_images_the_codec_cannot_tile_are_refused(trained_like, pixels, message):
+def test_images_the_codec_cannot_code_are_refused(trained_like, pixels, message):
     with pytest.raises(CodecError, match=message):
         encode(trained_like, pixels)
+
+
+# --------------------------------------------------------------------------- any size
+@pytest.mark.parametrize("size", [(481, 321), (333, 500), (1, 1), (31, 33), (4000, 3), (3, 4000), (64, 33)])
+def test_any_size_round_trips_through_edge_padding(trained_like, size):
+    pixels = np.random.default_rng(sum(size)).integers(0, 256, (*size, 3), dtype=np.uint8)
+    encoded = encode(trained_like, pixels)
+    assert encoded.size == size and encoded.margin <= SAFE_MARGIN
+    assert encoded.latent.shape == (-(-size[0] // SIZE) * SIZE, -(-size[1] // SIZE) * SIZE, 3)
+    decoded = decode(trained_like, encoded.latent, size)
+    assert decoded.pixels.shape == (*size, 3) and decoded.pixels.flags.c_contiguous
+    np.testing.assert_array_equal(decoded.pixels, pixels)
+    # the latent codes the edge-padded image: decoded whole, that is what comes back
+    np.testing.assert_array_equal(decode(trained_like, encoded.latent).pixels,
+                                  pad_to_tiles(pixels, (SIZE, SIZE)))
+
+
+def test_wrong_size_or_altered_padding_is_refused(trained_like):
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 20, 3), dtype=np.uint8)
+    latent = encode(trained_like, pixels).latent  # 64x32
+    for size in ((40, 33), (31, 20), (0, 20), (65, 20)):
+        with pytest.raises(CodecError, match="pads to .* but the latent is 64x32"):
+            decode(trained_like, latent, size)
+    # a size that pads to the same shape, but cuts the image elsewhere: the padding does not match
+    with pytest.raises(CodecError, match="padding is not the edge padding of a 39x20 image"):
+        decode(trained_like, latent, (39, 20))
+    # the padded rows altered as a whole tile: the latent of other pixels, decoded exactly, is refused
+    other = pad_to_tiles(pixels, (SIZE, SIZE)).copy()
+    other[40:, :, 0] ^= 0x55
+    with pytest.raises(CodecError, match="padding is not the edge padding of a 40x20 image"):
+        decode(trained_like, encode(trained_like, other).latent, (40, 20))
+
+
+def test_progress_counts_every_pass_over_the_tiles(trained_like, random64):
+    pixels = adversarial()["uniform-noise"]  # 3 tiles
+    calls = []
+    encode(trained_like, pixels, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (6, 6) and all(d <= t for d, t in calls)  # encode, then the verifying decode
+    calls.clear()
+    encode(random64, pixels, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (12, 12)  # float32 failed its check: float64 encode and decode follow
+    calls.clear()
+    decode(trained_like, encode(trained_like, pixels).latent, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(3, 3)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_on_the_gpu_codes_on_the_cpu_bit_for_bit(trained_like):
+    pixels = adversarial()["uniform-noise"]
+    on_cpu = encode(trained_like, pixels)
+    gpu_model = copy.deepcopy(trained_like).cuda()
+    on_gpu = encode(gpu_model, pixels)
+    assert on_gpu.latent.tobytes() == on_cpu.latent.tobytes() and on_gpu.margin == on_cpu.margin
+    assert decode(gpu_model, on_cpu.latent).margin == on_cpu.margin
+    assert next(gpu_model.parameters()).is_cuda  # the caller's model stays where it was

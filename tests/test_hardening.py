@@ -13,7 +13,8 @@ Images (bpd, encode; `jet train` reads folders with the same reader)
   2. misnamed but valid, read by content and accepted: a PNG named .jpg and a lossless WebP named .png
      round-trip exactly through encode/decode
   3. decompression bombs in BMP, GIF and TIFF: a few hundred bytes whose header declares >= 4e9 pixels
-  4. bpd on a folder holding one bad file among good ones; bpd on a stdin list that is not UTF-8
+  4. bpd on a folder holding one bad file among good ones: skipped with one warning line, listed again at
+     the end, exit 3; with --strict, refused at the first; bpd on a stdin list that is not UTF-8
   5. train on a folder holding one of: a truncated PNG, a text file named .png, an empty .png, a CMYK
      JPEG, a 16-bit PNG, an RGBA PNG with one transparent pixel, a PNG bomb; a folder with no images;
      images of two sizes without --crop; --crop larger than the images; --crop 0
@@ -21,10 +22,13 @@ Images (bpd, encode; `jet train` reads folders with the same reader)
      a TIFF whose unneeded description tag overruns the file is read with one `warning:` line naming it,
      one whose strip offsets overrun it is refused with the error line alone
 Latents (decode)
-  7. a header declaring 100000x100000x3 float32 over 64 bytes of data (must not try to allocate 112 GiB);
-     a header declaring more data than follows; a header that is no longer a Python literal (one byte
-     damaged); complex64, strings, a structured dtype, a 0-d scalar, a 4-d batch;
-     a PNG named .npy; a text file named .npy (big-endian float latents are accepted: same pixels)
+  7. bare .npy latents (jetcli 0.1.0): a header declaring 100000x100000x3 float32 over 64 bytes of data
+     (must not try to allocate 112 GiB); a header declaring more data than follows; a header that is no
+     longer a Python literal (one byte damaged); complex64, strings, a structured dtype, a 0-d scalar, a
+     4-d batch; a PNG named .npy; a text file named .npy (big-endian float latents are accepted: same
+     pixels). Latent files (.npz): truncated; a latent member that declares more than its header's image
+     can hold (a zip bomb); its header missing, not JSON, of another format or of a newer version; a latent
+     whose shape is not its header's size padded; a latent of another model
 Checkpoints (--model of bpd, sample, encode, decode and info: every case through every command)
   8. truncated, empty and random-bytes model.safetensors; config.json disagreeing with the stored config;
      the stored config disagreeing with the tensors (width 4096, 10**9 couplings: refused before any
@@ -78,7 +82,7 @@ from conftest import on_cpu
 from test_cli import converted_images, raw_png
 from typer.testing import CliRunner
 
-from jetcli import JetConfig, checkpoints, codec
+from jetcli import JetConfig, checkpoints, codec, hub, latents
 from jetcli.checkpoints import own as own_format
 from jetcli.train import loop as training_loop
 from jetcli.cli import app
@@ -185,7 +189,9 @@ def world(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
     Image.fromarray(image).save(root / "good.png")
-    np.save(root / "good.npy", codec.encode(model, image).latent)
+    np.save(root / "good.npy", codec.encode(model, image).latent)  # a bare latent, as jetcli 0.1.0 wrote
+    (root / "good.npz").write_bytes(latents.to_bytes(codec.encode(model, image), hub.load_model(str(root / "own")).sha256(),
+                                                     "own", CONFIG.image_size))
     pixels = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
     np.save(root / "pixels.npy", pixels)
     np.save(root / "pixels8.npy", pixels[:, :8, :8])
@@ -251,12 +257,22 @@ def test_bad_image_files_are_refused_by_bpd_and_encode(world, here):
         refused("encode", name, "-o", "x.npy", *model, expect=(f"{name}: ", reason), watch=(world,))
         if Path(name).suffix not in IMAGE_SUFFIXES:
             continue  # folders are searched for these suffixes only
-        # among good images in a folder: the whole command is refused, naming the bad file
+        # among good images in a folder: skipped, named with its reason, the others scored (exit 3);
+        # --strict refuses the whole command at it
         folder = Path(f"set_{name}")
         (folder / "deeper").mkdir(parents=True)
         shutil.copy(world / "good.png", folder / "a.png")
         Path(name).rename(folder / "deeper" / name)
-        refused("bpd", folder, *model, expect=(f"{name}: ", reason), watch=(world,))
+        result = CliRunner().invoke(app, on_cpu(["bpd", folder, *model, "--json"]))
+        assert result.exit_code == 3 and "Traceback" not in result.output, result.output
+        assert [r["path"] for r in json.loads(result.stdout)["images"]] == [str(folder / "a.png")]
+        bad = f"{folder / 'deeper' / name}: "
+        warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warned) == 1 and warned[0].startswith(f"warning: {bad}") and reason in warned[0], result.stderr
+        assert warned[0].endswith("; skipped")
+        listed = result.stderr.splitlines()[-2:]
+        assert listed[0] == "skipped 1 of 2 files:" and listed[1].startswith(f"  {bad}") and reason in listed[1]
+        refused("bpd", folder, "--strict", *model, expect=(f"{name}: ", reason), watch=(world,))
 
 
 def tiff_with_oversized_tag(pixels: np.ndarray, tag: int) -> bytes:
@@ -372,17 +388,58 @@ def bad_latent_files(world: Path) -> dict[str, tuple[bytes, str]]:
 
     good = np.load(world / "good.npy")
     return {
-        "bomb.npy": (npy_header(HUGE_NPY), "not a .npy latent"),
-        "damaged_header.npy": (damaged_header((world / "good.npy").read_bytes()), "not a .npy latent"),
-        "short.npy": (npy_header({**HUGE_NPY, "shape": (16, 16, 3)}), "not a .npy latent"),
+        "bomb.npy": (npy_header(HUGE_NPY), "declares 120,000,000,000 bytes of data, the file holds 64"),
+        "damaged_header.npy": (damaged_header((world / "good.npy").read_bytes()), "not a readable .npy latent"),
+        "short.npy": (npy_header({**HUGE_NPY, "shape": (16, 16, 3)}), "not a readable .npy latent"),
         "complex.npy": (saved(good.astype(np.complex64)), "dtype complex64"),
         "strings.npy": (saved(np.full((16, 16, 3), "x")), "dtype <U1"),
         "structured.npy": (saved(np.zeros((16, 16, 3), [("z", "<f4")])), "dtype [('z', '<f4')]"),
         "scalar.npy": (saved(np.float32(0.5)), "shape ()"),
         "batch.npy": (saved(good[None]), "shape (1, 16, 16, 3)"),
-        "image.npy": ((world / "good.png").read_bytes(), "not a .npy latent"),
-        "text.npy": (b"hello, not a latent", "not a .npy latent"),
+        "image.npy": ((world / "good.png").read_bytes(), "it is a PNG image"),
+        "text.npy": (b"hello, not a latent", "neither an .npz archive nor a .npy array"),
+        **bad_latent_archives(world),
     }
+
+
+def bad_latent_archives(world: Path) -> dict[str, tuple[bytes, str]]:
+    """Damaged latent files (.npz archives of latent.npy and header.npy)."""
+    good = (world / "good.npz").read_bytes()
+    with zipfile.ZipFile(world / "good.npz") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    header = json.loads(np.load(io.BytesIO(members["header.npy"]))[()])
+
+    def archive(**changed) -> bytes:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as out:
+            for name, data in {**members, **changed}.items():
+                if data is not None:
+                    out.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED)
+        return buffer.getvalue()
+
+    def with_header(**fields) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, np.array(json.dumps({**header, **fields})))
+        return archive(**{"header.npy": buffer.getvalue()})
+
+    zeros = io.BytesIO()
+    np.save(zeros, np.zeros((4096, 4096, 3)))  # 400 MB of zeros deflate to 400 kB
+    return {
+        "truncated.npz": (good[:len(good) // 2], "a damaged latent file"),
+        "inflating.npz": (archive(**{"latent.npy": zeros.getvalue()}), "larger than its header allows"),
+        "headless.npz": (archive(**{"header.npy": None}), "an .npz archive of latent.npy, not a latent file"),
+        "not_json.npz": (archive(**{"header.npy": npy_bytes(np.array("{not json"))}), "a damaged latent file"),
+        "foreign.npz": (with_header(format="something-else"), "not a jetcli latent header"),
+        "newer.npz": (with_header(version=2), "format version 2; this jetcli reads version 1"),
+        "resized.npz": (with_header(height=40), "a 40x16 image pads to 48x16 with 16x16 tiles, but the latent is 16x16"),
+        "other_model.npz": (with_header(model_sha256="0" * 64), "encoded with another model"),
+    }
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def damaged_header(npy: bytes) -> bytes:
@@ -536,8 +593,8 @@ def test_outputs_that_would_overwrite_an_input(world, here):
     shutil.copy(world / "good.npy", "latent.png")  # a latent misnamed .png, decoded onto itself
     refused("decode", "latent.png", "-o", "latent.png", "--force", *model, expect="is an input", watch=(world,))
     Path("dir").mkdir()
-    shutil.copy(world / "good.png", "dir/photo.npy")  # an image misnamed .npy; -o DIR writes DIR/photo.npy
-    refused("encode", "dir/photo.npy", "-o", "dir/", "--force", *model, expect="is an input", watch=(world,))
+    shutil.copy(world / "good.png", "dir/photo.npz")  # an image misnamed .npz; -o DIR writes DIR/photo.npz
+    refused("encode", "dir/photo.npz", "-o", "dir/", "--force", *model, expect="is an input", watch=(world,))
     shutil.copy(world / "good.png", "photo.png")
     os.symlink("photo.png", "symlink.npy")
     os.link("photo.png", "hardlink.npy")

@@ -4,14 +4,14 @@
   saved as PNG, BMP, TIFF, lossless WebP, GIF or JPEG, give `read_rgb` exactly the pixels the policy of
   jetcli.images documents, or a clean ImageError where it documents a refusal; random bytes and
   truncated files give an 8-bit RGB array or an ImageError, never another exception.
-- Latent reader: random bytes, damaged latents, .npy headers declaring any shape, and random arrays of
-  random shapes and dtypes (NaN/Inf included) saved as .npy, through the CLI's reader and the codec: a
-  CodecError or a valid decode, never anything else; the same through `jet decode -` end to end: exit 0
-  with a PNG, or exit 2 with one error line.
+- Latent reader: random bytes, damaged latent files (truncated, bytes flipped) and bare .npy latents,
+  .npy headers declaring any shape, and random arrays of random shapes and dtypes (NaN/Inf included)
+  saved as .npy, through jetcli.latents and the codec: a CodecError or a valid decode, never anything
+  else; the same through `jet decode -` end to end: exit 0 with a PNG, or exit 2 with one error line.
 - Training data reader: random bytes, and .npy headers declaring any shape (up to terabytes over a few
   bytes), as .npy, .npz or a pickled CIFAR-10 batch give images or a DataError.
-- Round trip: random images through random tiny flows (random geometry, depth and strength) decode to
-  the same pixels, or `encode` refuses; never a different image.
+- Round trip: random images of any size through random tiny flows (random geometry, depth and strength)
+  and the latent file format decode to the same pixels, or `encode` refuses; never a different image.
 """
 
 from __future__ import annotations
@@ -31,18 +31,18 @@ from hypothesis.extra.numpy import array_shapes, arrays
 from PIL import Image
 from typer.testing import CliRunner
 
-from jetcli import JetConfig, checkpoints, codec
+from jetcli import JetConfig, checkpoints, codec, latents
 from jetcli.cli import app
-from jetcli.cli.decode import read_latent
 from jetcli.codec import CodecError
 from jetcli.data import DataError, load_images
-from jetcli.images import ImageError, read_rgb
+from jetcli.images import ImageError, pad_to_tiles, read_rgb
 from jetcli.testing import random_jet
 
 BOUNDED = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                    derandomize=True)
 MODEL = random_jet(JetConfig(image_size=(8, 8), patch_size=4, couplings=2, block_depth=1, width=8, heads=2),
                    seed=7, strength=0.2)
+MODEL_SHA256 = "5" * 64  # stands for its weights' sha256 in the latent files made here
 
 # --------------------------------------------------------------------------- images
 LOSSLESS = {"PNG": ("RGB", "L", "1", "P", "RGBA", "LA", "I;16"), "BMP": ("RGB", "L", "1", "P"),
@@ -162,13 +162,18 @@ def lying_npy(draw) -> bytes:
 
 def check_decode(data: bytes) -> None:
     try:
-        latent = read_latent(data)
-        result = codec.decode(MODEL, latent)
+        file = latents.read(data)
+        file.check_model(MODEL_SHA256, "the model")
+        result = codec.decode(MODEL, file.latent, file.size)
     except CodecError as e:
         assert "\n" not in str(e)
         return
-    assert result.pixels.dtype == np.uint8 and result.pixels.shape == latent.shape
+    assert result.pixels.dtype == np.uint8 and result.pixels.shape == (*file.size, 3)
     assert result.margin <= codec.DECODE_LIMIT
+
+
+def latent_file(pixels: np.ndarray, model=MODEL) -> bytes:
+    return latents.to_bytes(codec.encode(model, pixels), MODEL_SHA256, "the model", model.config.image_size)
 
 
 @BOUNDED
@@ -182,13 +187,14 @@ def test_latent_reader_on_random_arrays(latent):
 def test_latent_reader_on_random_and_damaged_bytes(noise, lying, data):
     check_decode(noise)
     check_decode(lying)
-    valid = npy_bytes(codec.encode(MODEL, data.draw(arrays(np.uint8, (8, 8, 3)))).latent)
-    cut = data.draw(st.integers(0, len(valid)))
-    check_decode(valid[:cut] + noise)
-    flipped = bytearray(valid)
-    for index in data.draw(st.lists(st.integers(0, len(valid) - 1), min_size=1, max_size=4)):
-        flipped[index] ^= 0xFF
-    check_decode(bytes(flipped))
+    image = data.draw(arrays(np.uint8, (data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9)), 3)))
+    for valid in (npy_bytes(codec.encode(MODEL, pad_to_tiles(image, (8, 8))).latent), latent_file(image)):
+        cut = data.draw(st.integers(0, len(valid)))
+        check_decode(valid[:cut] + noise)
+        flipped = bytearray(valid)
+        for index in data.draw(st.lists(st.integers(0, len(valid) - 1), min_size=1, max_size=4)):
+            flipped[index] ^= 0xFF
+        check_decode(bytes(flipped))
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +248,8 @@ def flows_and_images(draw):
                        kinds=tuple(draw(st.lists(st.sampled_from(["channels", "spatial"]), min_size=1, max_size=3))),
                        seed=draw(st.integers(0, 9)))
     model = random_jet(config, seed=draw(st.integers(0, 99)), strength=draw(st.floats(0, 1.5)))
-    rows, cols = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    pixels = draw(arrays(np.uint8, (rows * tile[0], cols * tile[1], 3)))
+    height, width = draw(st.integers(1, 2 * tile[0] + 1)), draw(st.integers(1, 2 * tile[1] + 1))
+    pixels = draw(arrays(np.uint8, (height, width, 3)))
     return model, pixels
 
 
@@ -256,7 +262,9 @@ def test_round_trip_through_random_tiny_flows(case):
     except CodecError as e:
         assert "cannot encode the image losslessly" in str(e)
         return
-    assert encoded.latent.shape == pixels.shape and encoded.latent.dtype in (np.float32, np.float64)
+    assert encoded.latent.shape == pad_to_tiles(pixels, model.config.image_size).shape
+    assert encoded.latent.dtype in (np.float32, np.float64)
     assert encoded.margin <= codec.SAFE_MARGIN and math.isfinite(encoded.margin)
-    decoded = codec.decode(model, read_latent(npy_bytes(encoded.latent)))  # through the .npy file format
+    file = latents.read(latents.to_bytes(encoded, MODEL_SHA256, "the model", model.config.image_size))
+    decoded = codec.decode(model, file.latent, file.size)  # through the latent file format
     np.testing.assert_array_equal(decoded.pixels, pixels)

@@ -20,11 +20,12 @@ from jetcli.checkpoints.jet_pytorch import (JET_PYTORCH_DEFAULTS, from_jet_pytor
 from jetcli.checkpoints.layouts import matrix_from_order, order_from_matrix
 from jetcli.checkpoints.own import (CONFIG_NAME, FORMAT, FORMAT_VERSION, READ_BACKEND, WEIGHTS_NAME, CheckpointError,
                                     build_model, check_size, empty_model, load_own, load_state, load_weights,
-                                    read_metadata, read_shapes, save)
+                                    read_metadata, read_shapes, save, write_safetensors)
 
 __all__ = ["BIG_VISION_DEFAULTS", "BV_CHANNEL_MASKS", "BV_SPATIAL_MASKS", "CONFIG_NAME", "FORMAT", "FORMAT_VERSION",
            "JET_PYTORCH_DEFAULTS", "PICKLE_SUFFIXES", "READ_BACKEND", "WEIGHTS_NAME", "CheckpointError",
            "big_vision_config", "build_model", "check_size", "empty_model", "from_big_vision", "from_jet_pytorch",
            "identify", "jet_pytorch_config", "jet_pytorch_name", "load", "load_own", "load_state", "load_weights",
            "matrix_from_order", "order_from_matrix", "read_metadata", "read_npz", "read_pickled_state",
-           "read_shapes", "save", "save_big_vision", "save_jet_pytorch", "to_big_vision", "to_jet_pytorch"]
+           "read_shapes", "save", "save_big_vision", "save_jet_pytorch", "to_big_vision", "to_jet_pytorch",
+           "write_safetensors"]

@@ -12,13 +12,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from jetcli.checkpoints.layouts import (cyclic_pattern, finish_config, matrix_from_order, order_from_matrix, require,
                                         spatial_pattern)
-from jetcli.checkpoints.own import CheckpointError, count_indexed, empty_model, load_weights
+from jetcli.checkpoints.own import CheckpointError, count_indexed, empty_model, load_weights, write_safetensors
 from jetcli.config import JetConfig
-from jetcli.fileio import atomic_write
 from jetcli.model import Jet
 
 JET_PYTORCH_DEFAULTS = dict(heads=8, scale_factor=2.0, channels=3, ln_eps=1e-5, gelu="exact",
@@ -116,6 +114,6 @@ def save_jet_pytorch(model: Jet, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     state = {k: v.contiguous() for k, v in to_jet_pytorch(model).items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp))
+    write_safetensors(path, state)
     return path
 

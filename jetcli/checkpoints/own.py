@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from jetcli.config import JetConfig
-from jetcli.fileio import atomic_write, one_line
+from jetcli.fileio import atomic_write, one_line, os_error
 from jetcli.model import Jet
 
 FORMAT = "jetcli"
@@ -42,10 +42,22 @@ def save(model: Jet, path: str | os.PathLike, extra_metadata: dict[str, str] | N
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json(),
                 **(extra_metadata or {})}
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_safetensors(weights, tensors, metadata)
     if weights.parent == path:
         atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(model.config.to_json() + "\n"))
     return weights
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A .safetensors file written atomically; a failed write (a full disk...) is a WriteError naming it."""
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # it wraps the OSError in its message: "... (os error 28)"
+            raise os_error(str(e)) from None
+
+    atomic_write(path, write)
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -13,13 +13,19 @@ from typer.core import TyperGroup
 from jetcli.checkpoints import CheckpointError
 from jetcli.codec import CodecError
 from jetcli.data import DataError
-from jetcli.errors import SettingError
+from jetcli.errors import SettingError, SettingWarning
 from jetcli.fileio import one_line
 from jetcli.hub import HubError
 from jetcli.images import ImageError
 from jetcli.cli.output import err
 
 DEBUG = {"on": False}  # set by `jet --debug`
+
+# Exit statuses besides 0 and click's own: a user error; a command that finished but skipped some inputs
+# (`jet bpd` on a folder with unreadable files); Ctrl-C (128 + SIGINT, what shells report).
+EXIT_USER_ERROR = 2
+EXIT_SKIPPED = 3
+EXIT_INTERRUPTED = 130
 
 # Fields whose flag is not --field-name.
 FLAGS = {"preset_name": "--preset"}
@@ -52,25 +58,37 @@ def user_errors(fn):
                 raise
             message = e.worded(flag) if isinstance(e, SettingError) else str(e)
             err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(EXIT_USER_ERROR) from None
 
     return wrapper
 
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None):
-    """Warnings (a damaged image's skipped metadata, ...) as one line each, without source excerpts."""
-    err.print(f"[yellow]warning:[/] {escape(one_line(message, None))}", highlight=False, soft_wrap=True)
+    """Warnings (a damaged image's skipped metadata, ...) as one line each, without source excerpts;
+    settings named as flags."""
+    text = message.worded(flag) if isinstance(message, SettingWarning) else one_line(message, None)
+    err.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def debug_first(args: list[str]) -> list[str]:
+    """`--debug` is an option of `jet` itself, but is also taken after the command (`jet bpd x --debug`):
+    it is moved to the front. After `--`, arguments are never options."""
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:end]:
+        return args
+    return ["--debug"] + [a for i, a in enumerate(args) if a != "--debug" or i > end]
 
 
 class OneLineUsageErrors(TyperGroup):
     """click reports its own errors (an unknown option, a value that does not parse or is out of range)
     as a box under the usage text; jet reports them like every other user error: one line, exit 2."""
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
+    def main(self, args=None, *rest, standalone_mode: bool = True, **kwargs):
+        args = debug_first(sys.argv[1:] if args is None else list(args))
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, *rest, standalone_mode=False, **kwargs)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)  # an Exit's code, else None
+            code = super().main(args, *rest, standalone_mode=False, **kwargs)  # an Exit's code, else None
         except CLICK_ERROR as e:
             if type(e).__name__ != "NoArgsIsHelpError":  # `jet` alone: the help is printed already
                 ctx = getattr(e, "ctx", None)
@@ -78,7 +96,10 @@ class OneLineUsageErrors(TyperGroup):
                 err.print(f"[bold red]error:[/] {escape(e.format_message())}{hint}", highlight=False,
                           soft_wrap=True)
             sys.exit(e.exit_code)
-        except typer.Abort:  # end of input at a prompt
+        except typer.Abort as e:  # Ctrl-C, or the end of input at a prompt
+            if isinstance(e.__cause__, KeyboardInterrupt):
+                err.print("interrupted")
+                sys.exit(EXIT_INTERRUPTED)
             err.print("aborted")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)

@@ -19,6 +19,8 @@ ModelOption = Annotated[Optional[str], typer.Option(
          "Hub repo owner/name[@revision] (cached; honours HF_HOME, HF_TOKEN, HF_HUB_OFFLINE). "
          "Default: the model shipped with jetcli.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+# encode and decode compute on the CPU (jetcli.codec: portable latents); --device is still accepted, hidden.
+CodecDeviceOption = Annotated[str, typer.Option("--device", hidden=True, help="Ignored: the codec runs on the CPU.")]
 Precision = Enum("Precision", {p: p for p in CHOICES}, type=str)
 PrecisionOption = Annotated[Precision, typer.Option(
     "--precision",

@@ -14,7 +14,9 @@ from jetcli.cli.errors import UsageError, user_errors
 from jetcli.cli.output import err, progress_bar
 from jetcli.cli.root import app
 from jetcli.config import ALIASES, PRESETS, describe_preset
+from jetcli.fileio import WriteError
 from jetcli.train import Run, RunSettings, finish_distributed, start_run, write_pictures
+from jetcli.train.state import checkpoint_step
 
 DEFAULT = RunSettings(data=None)
 
@@ -90,13 +92,29 @@ def train(  # long only by its options: the body is parse, start_run, report
     run = start_run(settings, given, command=" ".join(["jet", *sys.argv[1:]]))
     if run.processes.main:
         err.print(describe(run))
-    with progress_reports(run) as report:
+    with progress_reports(run) as report, write_faults_reported(run):
         run.trainer.run(progress=report)
     finish_distributed(run.trainer.device)  # all together, before rank 0's pictures and upload
     if run.processes.main:
         finish(run, push_to_hub)
     if not run.finished:
         raise typer.Exit(128 + (run.trainer.stop_signal or 15))
+
+
+@contextlib.contextmanager
+def write_faults_reported(run: Run):
+    """A write that fails mid-run (a full disk, the folder gone, a permission lost) as one line: what
+    failed, which checkpoint is intact, and how to continue."""
+    try:
+        yield
+    except OSError as e:
+        out = run.trainer.opts.out
+        saved = checkpoint_step(out)
+        intact = (f"the checkpoint of step {saved} in {out} is intact" if saved is not None else
+                  "no checkpoint was saved yet")
+        reason = str(e) if isinstance(e, WriteError) else f"cannot write in {out} ({e.strerror or e})"
+        raise UsageError(f"training stopped at step {run.trainer.step}: {reason}; {intact}: make room (or fix "
+                         f"the folder) and continue with jet train --resume -o {out}") from None
 
 
 def describe(run: Run) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,19 @@ def check_options(opts: TrainOptions, world: int) -> None:
     if opts.batch_size // world < opts.grad_accum:
         raise SettingError("batch size {batch} over {world} process(es) is smaller than {grad_accum} {accum}",
                            batch=opts.batch_size, world=world, accum=opts.grad_accum)
+
+
+def absolute_source(spec: str | None) -> str | None:
+    """A data source (a path, or FILE.npz:KEY) with its path made absolute, so that a run resumed from
+    another folder finds it; a path that does not exist is left as given (its loader words the error)."""
+    if spec is None:
+        return None
+    path, key = spec, ""
+    if not Path(spec).exists() and ":" in spec:  # FILE.npz:KEY
+        path, _, key = spec.rpartition(":")
+    if not Path(path).exists():
+        return spec
+    return os.path.abspath(path) + (f":{key}" if key else "")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from jetcli.train.distributed import Distributed, init_distributed
 from jetcli.train.loop import Trainer
 from jetcli.train.metrics import CURVES_NAME, SAMPLES_NAME, plot_curves, read_metrics, save_samples
 from jetcli.train.schedule import epoch_steps
-from jetcli.train.options import RunSettings, TrainOptions
+from jetcli.train.options import RunSettings, TrainOptions, absolute_source
 from jetcli.train.state import (ASKED_PRECISION, DATA_KEYS, check_new_run_folder, resume_settings,
                                 resumed_config)
 
@@ -39,6 +39,7 @@ def start_run(settings: RunSettings, given: set[str] = frozenset(), command: str
     """A Trainer ready to run: a new run in an unused `settings.out`, or (`settings.resume`) the run
     there, continued with its own settings except those named in `given` that a resume may change."""
     saved_config = None
+    settings = replace(settings, data=absolute_source(settings.data), val=absolute_source(settings.val))
     if settings.resume:
         saved_config, settings = resume_settings(settings, given)
     else:

@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_file
 
 from jetcli import checkpoints
 from jetcli.checkpoints import CheckpointError
 from jetcli.config import JetConfig
-from jetcli.errors import SettingError
-from jetcli.fileio import atomic_write, remove_partial_writes
+from jetcli.errors import SettingError, SettingWarning
+from jetcli.fileio import remove_partial_writes
 from jetcli.train.metrics import CURVES_NAME, METRICS_NAME, SAMPLES_NAME, truncate_metrics
-from jetcli.train.options import RunSettings
+from jetcli.train.options import RunSettings, absolute_source
 
 if TYPE_CHECKING:
     from jetcli.train.loop import Trainer
@@ -69,7 +68,7 @@ def save_run(trainer: Trainer) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"step": str(trainer.step), "config": trainer.config.to_json(),
             "options": json.dumps(asdict(trainer.opts), default=str)}
-    atomic_write(out / STATE_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    checkpoints.write_safetensors(out / STATE_NAME, tensors, meta)
 
 
 def restore_run(trainer: Trainer) -> int:
@@ -127,6 +126,15 @@ def check_adam_state(state: dict[int, dict[str, torch.Tensor]], shapes: list[tor
         raise ValueError(f"optimiser state for {len(state)} of the {len(shapes)} parameters at step {step}")
 
 
+def checkpoint_step(out: Path) -> int | None:
+    """The step of the run's last checkpoint on disk (its state is written last, so weights at least as
+    recent are there too); None if there is none or it cannot be read."""
+    try:
+        return int(checkpoints.read_metadata(Path(out) / STATE_NAME)["step"])
+    except (CheckpointError, KeyError, ValueError):
+        return None
+
+
 def run_state(out: Path) -> tuple[Path, dict[str, str], JetConfig]:
     """The state file of the run in `out`, its metadata and the config stored there."""
     path = Path(out) / STATE_NAME
@@ -155,6 +163,7 @@ def saved_run(out: Path) -> tuple[JetConfig, dict]:
     extra = options.get("extra") or {}
     flat = {k: options[k] for k in RESUMABLE if k in options}
     flat.update({k: extra.get(k) for k in DATA_KEYS})
+    flat.update({k: absolute_source(flat[k]) for k in ("data", "val")})  # runs saved before: relative paths
     if extra.get(ASKED_PRECISION) is not None:
         flat["precision"] = extra[ASKED_PRECISION]
     flat["val_fraction"] = flat["val_fraction"] or 0.0
@@ -190,6 +199,11 @@ def resume_settings(settings: RunSettings, given: set[str]) -> tuple[JetConfig, 
         values = {f"new_{i}": getattr(settings, k) for i, k in enumerate(changed)}
         values.update({f"old_{i}": saved[k] for i, k in enumerate(changed)})
         raise SettingError("a resumed run keeps its data and optimisation settings: " + ", ".join(parts), **values)
+    if "steps" in given and saved.get("steps") not in (None, settings.steps):
+        warnings.warn(SettingWarning(
+            "{steps} {new} (the run had {old}): the learning-rate schedule (warmup, then cosine decay) now spans "
+            "{new} steps, so the steps from here on follow another schedule than the run's first ones did",
+            new=settings.steps, old=saved["steps"]), stacklevel=2)
     return config, replace(settings, **{k: v for k, v in saved.items() if k not in given})
 
 
