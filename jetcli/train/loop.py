@@ -25,6 +25,7 @@ from jetcli.train.distributed import Distributed, data_parallel, in_process_grou
 from jetcli.train.metrics import METRICS_NAME
 from jetcli.train.options import TrainOptions, check_options
 from jetcli.train.schedule import lr_factor, make_optimizer
+from jetcli.train.sharding import Sharded, shard, whole
 from jetcli.train.state import restore_run, save_run, tidy_run_folder
 
 
@@ -45,9 +46,12 @@ class Trainer:
         self.device = torch.device(opts.device)
         torch.manual_seed(opts.seed)  # the same initial weights in every process
         self.model = Jet(config).to(self.device)
+        if opts.shard:  # before the optimiser and the EMA are made: they hold shards too
+            shard(self.model)
         self.optimizer = make_optimizer(self.model, opts)
         self.ema = self.fresh_ema() if opts.ema else None
-        self.ddp = data_parallel(self.model, self.device) if in_process_group() else None
+        self.ddp = ((Sharded(self.model) if opts.shard else data_parallel(self.model, self.device))
+                    if in_process_group() else None)
         network = self.ddp or self.model
         self.forward = torch.compile(network) if opts.compile else network
         self.step = 0
@@ -106,7 +110,7 @@ class Trainer:
                 # DDP averages gradients over processes: scale so the sum is the global batch mean.
                 (bits.bpd.sum() * self.processes.world / self.opts.batch_size).backward()
             sums += torch.stack([bits.bpd.sum(), bits.nll.sum(), bits.logdet.sum()]).detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip)
+        grad_norm = whole(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.update_ema()
@@ -148,7 +152,9 @@ class Trainer:
         self.model.eval()
         mine = torch.arange(self.processes.rank, len(self.val_set), self.processes.world)
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for indices in mine.split(self.opts.batch_size):
+        # As many batches in every process: a sharded model's forward is a collective.
+        batches = -(-len(self.val_set) // (self.processes.world * self.opts.batch_size))
+        for indices in mine.tensor_split(batches):
             for draw in range(self.opts.val_samples):
                 x = self.val_stream.batch(indices, draw).to(self.device)
                 with compute_context(self.device, self.opts.precision):
@@ -161,10 +167,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        """Rank 0 writes the weights (and EMA) and the resumable state (jetcli.train.state)."""
+        """Rank 0 writes the weights (and EMA) and the resumable state (jetcli.train.state); every
+        process takes part, to gather the shards of a sharded model."""
         self.saved_step = self.step
-        if self.processes.main:
-            save_run(self)
+        save_run(self)
 
     def resume(self) -> None:
         """Continue from the state of the run in `opts.out`: weights, Adam state, EMA and step."""

@@ -30,6 +30,7 @@ class TrainOptions:
     val_samples: int = 1
     device: str = "cpu"
     compile: bool = False
+    shard: bool = False  # FSDP over the processes instead of DDP (jetcli.train.sharding)
     extra: dict = field(default_factory=dict)  # data sources and command, for resuming and the model card
 
 
@@ -42,6 +43,8 @@ def check_options(opts: TrainOptions, world: int) -> None:
         raise SettingError(", ".join(f"{{{name}}}" for name in small) + " must be positive and finite")
     if not 0 <= opts.warmup < 1 or (opts.ema is not None and not 0 < opts.ema < 1):
         raise SettingError("{warmup} must be in [0, 1) and {ema} in (0, 1)")
+    if opts.shard and world < 2:
+        raise SettingError("{shard} divides the model over several processes: run under torchrun")
     if opts.batch_size % world:
         raise SettingError("batch size {batch} is not divisible by {world} processes", batch=opts.batch_size,
                            world=world)
@@ -92,6 +95,7 @@ class RunSettings:
     ema: float | None = None
     precision: str = "auto"  # jetcli.precision.CHOICES
     compile: bool = False
+    shard: bool = False
     seed: int = 0
     eval_every: int = 500
     ckpt_every: int = 500

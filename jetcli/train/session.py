@@ -92,7 +92,7 @@ def train_options(settings: RunSettings, device, about_run: dict) -> TrainOption
     is resolved again for the device of each session) and `about_run` (image counts and the command, for
     the model card)."""
     names = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "clip", "ema", "seed",
-             "eval_every", "ckpt_every", "compile")
+             "eval_every", "ckpt_every", "compile", "shard")
     extra = {**{k: getattr(settings, k) for k in DATA_KEYS}, ASKED_PRECISION: settings.precision, **about_run}
     return TrainOptions(out=settings.out, precision=resolve(settings.precision, device), device=str(device),
                         extra=extra, **{k: getattr(settings, k) for k in names})

@@ -25,8 +25,11 @@ from jetcli.checkpoints import CheckpointError
 from jetcli.config import JetConfig
 from jetcli.errors import SettingError, SettingWarning
 from jetcli.fileio import remove_partial_writes
+from jetcli.model import Jet
 from jetcli.train.metrics import CURVES_NAME, METRICS_NAME, SAMPLES_NAME, truncate_metrics
 from jetcli.train.options import RunSettings, absolute_source
+
+from jetcli.train.sharding import gathered, is_sharded, like, load_weights
 
 if TYPE_CHECKING:
     from jetcli.train.loop import Trainer
@@ -35,7 +38,7 @@ STATE_NAME = "state.safetensors"
 EMA_DIR = "ema"
 KEPT_ON_RESUME = ("data", "val", "val_fraction", "crop", "flip", "batch_size", "lr", "weight_decay",
                   "warmup", "clip", "ema", "seed")
-RESUMABLE = KEPT_ON_RESUME + ("steps", "grad_accum", "eval_every", "ckpt_every", "precision", "compile")
+RESUMABLE = KEPT_ON_RESUME + ("steps", "grad_accum", "eval_every", "ckpt_every", "precision", "compile", "shard")
 DATA_KEYS = ("data", "val", "val_fraction", "crop", "flip")  # kept in the options' `extra`, with the command
 # Also in `extra`: the precision as asked ("auto"), where `precision` is what it resolved to on the device
 # of the session that saved. Runs saved before it was kept resume with their resolved precision.
@@ -53,19 +56,24 @@ def save_run(trainer: Trainer) -> None:
 
     The state goes last: it is what resuming continues from, so a run killed in between has weights
     one step ahead of its state (which resuming recomputes identically), never weights left behind."""
-    out = trainer.opts.out
+    out, main = trainer.opts.out, trainer.processes.main
+    # Whole tensors on rank 0 (a sharded model's are gathered: every process takes part).
+    weights = gathered(trainer.model.state_dict(), main)
+    ema = gathered(trainer.ema, main) if trainer.ema is not None else None
+    moments = {i: gathered(state, main) for i, state in trainer.optimizer.state_dict()["state"].items()}
+    if not main:
+        return
     extra = {"step": str(trainer.step), "train": json.dumps(trainer.opts.extra, default=str)}
-    checkpoints.save(trainer.model, out, extra_metadata=extra)
-    if trainer.ema is not None:
-        ema_model = checkpoints.empty_model(trainer.config)  # no random init: the EMA sets every tensor
-        ema_model.load_state_dict(trainer.ema)
-        checkpoints.save(ema_model, out / EMA_DIR, extra_metadata=extra)
-    tensors = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
-    if trainer.ema is not None:
-        tensors.update({f"ema.{k}": v for k, v in trainer.ema.items()})
-    for i, state in trainer.optimizer.state_dict()["state"].items():
+    checkpoints.save(filled(trainer.config, weights) if is_sharded(trainer.model) else trainer.model, out,
+                     extra_metadata=extra)
+    if ema is not None:
+        checkpoints.save(filled(trainer.config, ema), out / EMA_DIR, extra_metadata=extra)
+    tensors = {f"model.{k}": v for k, v in weights.items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    for i, state in moments.items():
         tensors.update({f"optim.{i}.{k}": v for k, v in state.items()})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     meta = {"step": str(trainer.step), "config": trainer.config.to_json(),
             "options": json.dumps(asdict(trainer.opts), default=str)}
     checkpoints.write_safetensors(out / STATE_NAME, tensors, meta)
@@ -86,21 +94,32 @@ def restore_run(trainer: Trainer) -> int:
     if config != trainer.config:
         raise CheckpointError(f"{path}: was trained with another model config")
     group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    checkpoints.load_weights(trainer.model, group("model."), str(path))  # refuses missing, misshapen or NaN
+    load_weights(trainer.model, group("model."), str(path))  # refuses missing, misshapen or NaN
     try:
         optim = trainer.optimizer.state_dict()
         optim["state"] = {}
         for key, value in group("optim.").items():
             index, name = key.split(".", 1)
             optim["state"].setdefault(int(index), {})[name] = value
-        check_adam_state(optim["state"], [p.shape for p in trainer.model.parameters()], step)
+        parameters = list(trainer.model.parameters())
+        check_adam_state(optim["state"], [p.shape for p in parameters], step)
+        optim["state"] = {i: {k: v if k == "step" else like(v, parameters[i]) for k, v in moments.items()}
+                          for i, moments in optim["state"].items()}  # this process's shards, if sharded
         trainer.optimizer.load_state_dict(optim)
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: does not match the model ({str(e).splitlines()[0]})") from None
     if trainer.ema is not None:  # a run that had no EMA starts one from the current weights
         saved = group("ema.")
-        trainer.ema = {k: v.to(trainer.device) for k, v in saved.items()} if saved else trainer.fresh_ema()
+        own = trainer.model.state_dict()
+        trainer.ema = {k: like(v, own[k]) for k, v in saved.items()} if saved else trainer.fresh_ema()
     return step
+
+
+def filled(config: JetConfig, weights: dict[str, torch.Tensor]) -> Jet:
+    """A model holding these weights, built without a random init that they would replace."""
+    model = checkpoints.empty_model(config)
+    model.load_state_dict(weights)
+    return model
 
 
 def tidy_run_folder(out: Path, step: int) -> None:
