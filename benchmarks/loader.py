@@ -5,9 +5,10 @@
 
 1. A 40 GB uint8 (N, 64, 64, 3) .npy is made in /tmp as a sparse file (np.lib.format.open_memmap: no
    disk is used; its pixels read as zeros), and deleted at the end.
-2. Loader throughput on one thread: `Stream.batch` (epoch order, gather, crop, flip, hashed
-   dequantisation noise, float32 out), as the trainer consumes it, for batches of 256 64x64 images:
-   whole images at random positions of the 40 GB file, and 64x64 crops with flips of photos in memory.
+2. Loader throughput on one thread, for batches of 256 64x64 images: `Stream.batch` (epoch order,
+   gather, crop, flip, hashed dequantisation noise, float32 out) of whole images at random positions of
+   the 40 GB file and of 64x64 crops with flips of photos in memory; and the trainer's own path
+   (uint8 items, then `dequantize(pixels, uniform(keys))` as Trainer.model_input does on the CPU).
    Rates per second of the thread's CPU time (what one core delivers; on a shared machine the wall-clock
    rate also counts the time other processes held the core) and per wall-clock second. The sparse
    file's pages cost no disk reads: this measures the CPU's work, not a disk.
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jetcli.data import ImageSet, Stream, map_npy
+from jetcli.data import ImageSet, Stream, dequantize, map_npy, uniform
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = 64
@@ -51,13 +52,22 @@ def sparse_npy(path: Path, gigabytes: float) -> int:
     return count
 
 
-def images_per_second(stream: Stream, batch: int, batches: int) -> dict:
+def trainer_path(stream: Stream):
+    """What the trainer does on the CPU: uint8 items from its data thread, then dequantize(uniform(keys))
+    in the step (Trainer.batch_at and Trainer.model_input)."""
+    def make(positions: torch.Tensor) -> torch.Tensor:
+        pixels = stream.pixels(positions)
+        return dequantize(pixels, uniform(stream.keys(positions), pixels[0].numel()).view(pixels.shape))
+    return make
+
+
+def images_per_second(make_batch, batch: int, batches: int) -> dict:
     """Rates of `batches` consecutive batches of `batch` stream positions (after one warm-up batch)."""
-    stream.batch(torch.arange(batch))
+    make_batch(torch.arange(batch))
     wall, cpu = [], []
     for k in range(1, batches + 1):
         start, start_cpu = time.perf_counter(), time.thread_time()
-        stream.batch(torch.arange(k * batch, (k + 1) * batch))
+        make_batch(torch.arange(k * batch, (k + 1) * batch))
         wall.append(batch / (time.perf_counter() - start))
         cpu.append(batch / (time.thread_time() - start_cpu))
     return {"batch": batch, "batches": batches,
@@ -86,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gigabytes", type=float, default=40.0)
     parser.add_argument("--batches", type=int, default=30)
-    parser.add_argument("--train-steps", type=int, default=100)
+    parser.add_argument("--train-steps", type=int, default=100, help="0: no jet train runs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "loader.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -98,16 +108,18 @@ def main() -> None:
         count = sparse_npy(data, args.gigabytes)
         result["file"] = {"images": count, "bytes": data.stat().st_size,
                           "bytes_on_disk": data.stat().st_blocks * 512}
-        big = ImageSet(map_npy(data))
-        result["whole_64_from_npy"] = images_per_second(Stream(big, seed=0), 256, args.batches)
+        whole = Stream(ImageSet(map_npy(data)), seed=0)
+        result["whole_64_from_npy"] = images_per_second(whole.batch, 256, args.batches)
+        result["whole_64_from_npy_trainer_path"] = images_per_second(trainer_path(whole), 256, args.batches)
         photos = [np.random.default_rng(i).integers(0, 256, (321, 481, 3), dtype=np.uint8) for i in range(64)]
         crops = Stream(ImageSet(photos, crop=SIDE, flip=True), seed=0)
-        result["crop_64_flip_from_photos"] = images_per_second(crops, 256, args.batches)
-        del big
-        result["jet_train_peak_rss"] = peak_rss_of_training(data, args.train_steps, 64)
-        small = Path(folder) / "small.npy"
-        np.save(small, np.zeros((2000, SIDE, SIDE, 3), np.uint8))
-        result["jet_train_peak_rss_baseline_2000_images"] = peak_rss_of_training(small, args.train_steps, 64)
+        result["crop_64_flip_from_photos"] = images_per_second(crops.batch, 256, args.batches)
+        del whole
+        if args.train_steps:
+            result["jet_train_peak_rss"] = peak_rss_of_training(data, args.train_steps, 64)
+            small = Path(folder) / "small.npy"
+            np.save(small, np.zeros((2000, SIDE, SIDE, 3), np.uint8))
+            result["jet_train_peak_rss_baseline_2000_images"] = peak_rss_of_training(small, args.train_steps, 64)
     result["machine"]["load_average_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -318,3 +318,11 @@ def test_load_datasets_val_sources(tmp_path):
         load_datasets(str(tmp_path / "train.npy"), str(tmp_path / "big.npy"))
     with pytest.raises(DataError, match="between 0 and 1"):
         load_datasets(str(tmp_path / "train.npy"), val_fraction=1.5)
+
+
+def test_the_table_other_devices_read_holds_the_cpus_values():
+    """Off the CPU, model_space reads a table the CPU computed (a GPU's x / 127.5 rounds otherwise)."""
+    from jetcli.data import _model_space_table
+    pixels = torch.randint(0, 256, (5, 4, 4, 3), dtype=torch.uint8)
+    looked_up = torch.index_select(_model_space_table("cpu"), 0, pixels.reshape(-1).int()).view(pixels.shape)
+    assert torch.equal(looked_up, to_model_space(pixels))
