@@ -46,16 +46,17 @@ class ImageWarning(UserWarning):
 def read_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
     """Decode an image file (a path, or its bytes) to uint8 RGB (H, W, 3) under the policy above."""
     name = name or _name(source)
-    with _open(source, name) as im, _named_warnings(name):
-        try:
-            im.load()
-            rgba = np.asarray(im.convert("RGBA")) if "A" in im.mode or "transparency" in im.info else None
-            rgb = None if rgba is not None else np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-        # Pillow's parsers meet malformed files with many exception types (OSError, ValueError, SyntaxError,
-        # but also TypeError, KeyError, IndexError, struct.error... from deep inside a plugin): on
-        # untrusted bytes, any of them means "not a readable image".
-        except Exception as e:
-            raise ImageError(f"{name}: cannot decode the image ({one_line(e)})") from None
+    with _open(source, name) as im:
+        with _named_warnings(name):
+            try:
+                im.load()
+                rgba = np.asarray(im.convert("RGBA")) if "A" in im.mode or "transparency" in im.info else None
+                rgb = None if rgba is not None else np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            # Pillow's parsers meet malformed files with many exception types (OSError, ValueError,
+            # SyntaxError, but also TypeError, KeyError, IndexError, struct.error... from deep inside a
+            # plugin): on untrusted bytes, any of them means "not a readable image".
+            except Exception as e:
+                raise ImageError(f"{name}: cannot decode the image ({one_line(e)})") from None
         _warn_of_orientation(im, name)
         if rgba is not None:
             transparent = int((rgba[..., 3] != 255).sum())
