@@ -191,6 +191,9 @@ def test_outputs_are_checked_for_writability_before_the_work(here, model, monkey
     refused(jet("encode", "a.png", "-o", "locked/a.npz", "-m", model), "locked/a.npz: cannot be written (Permission")
     monkeypatch.setattr("jetcli.cli.sample.open_model", lambda *a: pytest.fail("the model was loaded"))
     refused(jet("sample", "-n", "2", "-o", "locked/", "-m", model, "--device", "cpu"), "cannot be written")
+    monkeypatch.setattr("jetcli.train.state.check_writable", unwritable)
+    monkeypatch.setattr("jetcli.train.session.load_datasets", lambda *a: pytest.fail("the data was loaded"))
+    refused(jet("train", "a.png", *TINY_TRAIN, "-o", "locked/run"), "locked/run/state.safetensors: cannot be written")
     assert not Path("locked").exists()
 
 

@@ -58,7 +58,7 @@ def bpd(
     independent draws (null for one image). The output gives each image's tiles and padded pixels.
 
     **Noise.** Each tile's noise comes from `--seed` and the image's content (its pixels' sha256), so an
-    image scores the same alone or in any folder, order or batch.
+    image scores the same alone or beside others, in any folder or order.
 
     **Bad files.** Given one file, it is scored or refused (exit 2). Among several, a file that cannot be
     read (not an image, damaged, refused by jet's reading policy) gets a warning line and is skipped;
@@ -96,12 +96,14 @@ def bpd(
         write_stdout(csv_line(CSV_FIELDS))
     try:
         with progress_bar() as bar:
-            task = bar.add_task("bpd", total=sum(p.tiles for p in planned))
+            tiles = sum(p.tiles for p in planned)
+            task = bar.add_task("bpd", total=tiles)
             for result in scoring.score_each(loaded.model, planned, samples, seed, batch_size, run.precision,
                                              strict, on_tiles=lambda n: bar.advance(task, n)):
                 if isinstance(result, scoring.Skipped):
                     warn(f"{result.reason}; skipped")
-                    bar.update(task, total=bar.tasks[task].total - result.tiles)
+                    tiles -= result.tiles
+                    bar.update(task, total=tiles)
                     run.skipped.append(result)
                     continue
                 run.scores.append(result)

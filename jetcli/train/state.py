@@ -24,7 +24,7 @@ from jetcli import checkpoints
 from jetcli.checkpoints import CheckpointError
 from jetcli.config import JetConfig
 from jetcli.errors import SettingError, SettingWarning
-from jetcli.fileio import remove_partial_writes
+from jetcli.fileio import check_writable, remove_partial_writes
 from jetcli.model import Jet
 from jetcli.train.metrics import CURVES_NAME, METRICS_NAME, SAMPLES_NAME, truncate_metrics
 from jetcli.train.options import RunSettings, absolute_source
@@ -191,7 +191,8 @@ def saved_run(out: Path) -> tuple[JetConfig, dict]:
 
 # --------------------------------------------------------------------------- the rules
 def check_new_run_folder(out: Path) -> None:
-    """A new run needs a folder that holds no run and none of the files it would write."""
+    """A new run needs a folder that holds no run and none of the files it would write, in a place where
+    files can be made."""
     if (out / STATE_NAME).exists():
         raise SettingError("{path} already holds a run: pass {resume} to continue it, or choose another {out}",
                            path=out)
@@ -201,6 +202,7 @@ def check_new_run_folder(out: Path) -> None:
     if taken:
         raise SettingError("{path} holds {names}, which training would overwrite: choose another {out}",
                            path=out, names=", ".join(taken))
+    check_writable(out / STATE_NAME)  # a place no file can be made in: refused now, not at the first checkpoint
 
 
 def resume_settings(settings: RunSettings, given: set[str]) -> tuple[JetConfig, RunSettings]:
