@@ -9,15 +9,16 @@
   (or HF_HUB_CACHE), HF_TOKEN for private or gated repos, and HF_HUB_OFFLINE=1 to use the cache only.
   The repo must hold jetcli's layout (model.safetensors + config.json at its top) or exactly one
   .safetensors or .npz checkpoint;
-- nothing: the default model shipped inside the package (`jetcli.weights`, the repository's top-level
-  `weights/` folder: model.safetensors + config.json), found the same way in an editable install
-  and in an installed wheel.
+- the name of a model embedded in the package (`jetcli.weights`, the repository's top-level `weights/`
+  folder, one subfolder per model: model.safetensors + config.json), found the same way in an editable
+  install and in an installed wheel; `embedded_models()` lists them;
+- nothing: the embedded model named DEFAULT_MODEL.
 """
 
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import importlib.resources
 import re
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from jetcli.errors import SettingError
 from jetcli.fileio import one_line
 from jetcli.model import Jet
 
-DEFAULT_PACKAGE = "jetcli.weights"
+EMBEDDED_PACKAGE = "jetcli.weights"
+DEFAULT_MODEL = "cifar10"  # the embedded model that runs when --model is not given
 HUB_PATTERNS = ["*.safetensors", "*.npz", "*.json"]  # never pickles from the network
 REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 CHECKPOINT_SUFFIXES = (".safetensors", ".npz", *checkpoints.PICKLE_SUFFIXES)
@@ -69,12 +71,14 @@ def _file_sha256(path: Path, mtime_ns: int, size: int) -> str:
 
 def load_model(spec: str | None = None) -> LoadedModel:
     """The model `--model spec` names (see the module docstring); None is the default model."""
-    if spec is None:
-        folder = default_folder()
-        return _load(folder, "default", f"the default model shipped with jetcli ({folder})")
-    path = Path(spec).expanduser()
-    if path.exists():
+    path = Path(spec).expanduser() if spec is not None else None
+    if path is not None and path.exists():
         return _load(path, spec, f"local checkpoint {path.resolve()}")
+    if spec is None or spec in embedded_models():
+        name = spec or DEFAULT_MODEL
+        folder = embedded_folder(name)
+        default = " (the default)" if name == DEFAULT_MODEL else ""
+        return _load(folder, name, f"the model {name!r} embedded in jetcli{default} ({folder})")
     match = REPO_ID.fullmatch(spec)
     if match is None or path.suffix.lower() in CHECKPOINT_SUFFIXES:
         raise CheckpointError(f"{spec}: no such file or folder")
@@ -83,16 +87,21 @@ def load_model(spec: str | None = None) -> LoadedModel:
     return _load(checkpoint_in(folder, spec), name, f"Hugging Face Hub {spec}, cached in {folder}")
 
 
-def default_folder() -> Path:
-    """The packaged weights folder; a clear error where the default model is not there."""
+def embedded_models() -> dict[str, Path]:
+    """{name: folder} of the models embedded in the package (an install without them has none)."""
     try:
-        folder = Path(str(importlib.resources.files(DEFAULT_PACKAGE)))
+        root = Path(str(importlib.resources.files(EMBEDDED_PACKAGE)))
     except ModuleNotFoundError:
-        raise ModelChoiceError("this jetcli install has no default model (package jetcli.weights is "
-                               "missing); pass {model} PATH or {model} owner/name") from None
-    if not (folder / checkpoints.WEIGHTS_NAME).is_file():
-        raise ModelChoiceError("no default model: {weights} is missing; pass {model} PATH or {model} owner/name",
-                               weights=folder / checkpoints.WEIGHTS_NAME)
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / checkpoints.WEIGHTS_NAME).is_file()}
+
+
+def embedded_folder(name: str) -> Path:
+    """The folder of an embedded model; a clear error where it is not there."""
+    folder = embedded_models().get(name)
+    if folder is None:
+        raise ModelChoiceError("this jetcli install has no embedded model {name!r} (package {package}); pass "
+                               "{model} PATH or {model} owner/name", name=name, package=EMBEDDED_PACKAGE)
     return folder
 
 

@@ -1,4 +1,4 @@
-"""The embedded default model (weights/): trained, better than lossless WebP, and losslessly invertible.
+"""The embedded CIFAR-10 model (weights/cifar10): trained, better than lossless WebP, and losslessly invertible.
 
 These checks would fail for random or barely trained weights, or for a model the codec cannot invert.
 """
@@ -17,7 +17,7 @@ from jetcli.likelihood import image_bits
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model(None).model
+    return load_model("cifar10").model
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def webp_bpd(image: np.ndarray) -> float:
 def test_default_model_is_the_packaged_card_model(model, repo_root):
     assert model.config.image_size == (32, 32)
     assert model.num_params() == 5_659_200
-    assert checkpoints.load_own(repo_root / "weights").config == model.config
-    assert (repo_root / "weights" / "model.safetensors").stat().st_size < 25 * 2**20
+    assert checkpoints.load_own(repo_root / "weights" / "cifar10").config == model.config
+    assert (repo_root / "weights" / "cifar10" / "model.safetensors").stat().st_size < 25 * 2**20
 
 
 def test_default_model_beats_lossless_webp_on_held_out_cifar(model, cifar_test):

@@ -1,1 +1,1 @@
-"""The default model shipped with jetcli (model.safetensors + config.json); see jetcli.hub."""
+"""The models embedded in jetcli, one folder each (model.safetensors + config.json); see jetcli.hub."""

@@ -14,10 +14,10 @@ from jetcli.hub import LoadedModel, load_model
 from jetcli.precision import CHOICES
 
 ModelOption = Annotated[Optional[str], typer.Option(
-    "--model", "-m", metavar="PATH|OWNER/NAME[@REV]", show_default=False,
-    help="A checkpoint folder or file (jetcli, jet-pytorch .safetensors, big_vision .npz) or a Hugging Face "
-         "Hub repo owner/name[@revision] (cached; honours HF_HOME, HF_TOKEN, HF_HUB_OFFLINE). "
-         "Default: the model shipped with jetcli.")]
+    "--model", "-m", metavar="NAME|PATH|OWNER/NAME[@REV]", show_default=False,
+    help="An embedded model by name (`jet info` lists them), a checkpoint folder or file (jetcli, "
+         "jet-pytorch .safetensors, big_vision .npz) or a Hugging Face Hub repo owner/name[@revision] "
+         "(cached; honours HF_HOME, HF_TOKEN, HF_HUB_OFFLINE). Default: the embedded default model.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 # encode and decode compute on the CPU (jetcli.codec: portable latents); --device is still accepted, hidden.
 CodecDeviceOption = Annotated[str, typer.Option("--device", hidden=True, help="Ignored: the codec runs on the CPU.")]
