@@ -1,0 +1,121 @@
+"""Held-out photos, each coded whole: Jet models beside optimised PNG, lossless WebP and lossless JPEG-XL.
+
+    python benchmarks/photo_model.py --model photo=weights/photo --model cifar10=weights/cifar10 \
+        --data ../shared/data --out benchmarks/results/photo_model
+
+A Jet model's bits for a photo are the bits to code the photo, edge-padded to whole tiles of the
+model's input size (jetcli.images.pad_to_tiles), with the model: the sum over tiles of D·bpd (uniform
+dequantisation, `--samples` draws averaged, seeded by the photo's content), divided by the photo's own
+H·W·3 subpixels. That is an upper bound on a lossless code length for the photo (the padding is paid
+for, not dropped). The codecs code the same photo as one file each (lossless_codecs.py).
+
+Writes photo_model.json (per photo and summaries) and photo_model.md (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import track
+
+import lossless_codecs
+from jetcli.hub import load_model
+from jetcli.images import grid, pad_to_tiles, read_rgb, save_png, tiles
+from jetcli.likelihood import image_bits
+from jetcli.sampling import sample
+
+SETS = ("cbsd68", "mcmaster")
+
+
+def jet_bits_per_subpixel(model, photo: np.ndarray, samples: int, batch: int = 64) -> float:
+    size = model.config.image_size
+    padded = torch.from_numpy(tiles(pad_to_tiles(photo, size), size))
+    seed = int.from_bytes(hashlib.sha256(photo.tobytes()).digest()[:8], "little")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        bpd = torch.cat([image_bits(model, part, samples, generator).bpd for part in padded.split(batch)])
+    return float(bpd.double().sum()) * model.config.dims / photo.size
+
+
+def summary(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "sem": float(v.std(ddof=1) / np.sqrt(len(v))), "n": int(len(v))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True, help="NAME=SPEC (any --model of jet).")
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--samples", type=int, default=2, help="Dequantisation draws averaged per photo.")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sample-grids", type=Path, help="Also write 64 samples (seed 0, 2x zoom) at temperatures "
+                                                      "0.7, 0.9 and 1.0 of each model to DIR/NAME/.")
+    args = ap.parse_args()
+    models = {}
+    for item in args.model:
+        name, _, spec = item.partition("=")
+        loaded = load_model(spec)
+        models[name] = dict(model=loaded.model.eval(), sha256=loaded.sha256(), spec=spec,
+                            config=loaded.model.config.to_dict(), params=loaded.model.num_params())
+    if args.sample_grids:
+        for name, m in models.items():
+            for temperature in (0.7, 0.9, 1.0):
+                images = sample(m["model"], 64, temperature, torch.Generator().manual_seed(0))
+                zoomed = images.repeat(2, axis=1).repeat(2, axis=2)
+                save_png(grid(zoomed), args.sample_grids / name / f"samples_t{temperature}.png")
+    files = [f for s in SETS for f in sorted((args.data / s).glob("*.png"))]
+    rows, seconds = [], {name: 0.0 for name in models}
+    for f in track(files, description="photos"):
+        photo = read_rgb(f)
+        row = {"set": f.parent.name, "photo": f.name, "height": photo.shape[0], "width": photo.shape[1]}
+        for name, m in models.items():
+            start = time.perf_counter()
+            row[name] = jet_bits_per_subpixel(m["model"], photo, args.samples)
+            seconds[name] += time.perf_counter() - start
+        row.update(lossless_codecs.codec_bits_per_subpixel(photo))
+        rows.append(row)
+    columns = [*models, *lossless_codecs.CODECS]
+    summaries = {s: {c: summary([r[c] for r in rows if s in ("all", r["set"])]) for c in columns}
+                 for s in ("all", *SETS)}
+    best = min(lossless_codecs.CODECS, key=lambda c: summaries["all"][c]["mean"])
+    wins = {name: {c: int(sum(r[name] < r[c] for r in rows)) for c in lossless_codecs.CODECS} for name in models}
+    result = dict(command=" ".join(["python", "benchmarks/photo_model.py", *[f"--model {m}" for m in args.model],
+                                    f"--samples {args.samples}"]),
+                  cpu=_cpu_name(), torch=torch.__version__, cjxl=lossless_codecs.jxl_version(),
+                  models={n: {k: v for k, v in m.items() if k != "model"} | {"seconds": seconds[n]}
+                          for n, m in models.items()},
+                  samples=args.samples, summaries=summaries, photos_won_against=wins, per_photo=rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "photo_model.json").write_text(json.dumps(result, indent=1))
+    lines = ["| held-out photos, each coded whole (bits per subpixel) | " +
+             " | ".join(f"{s} ({summaries[s][columns[0]]['n']})" for s in ("all", *SETS)) + " |",
+             "|---|" + "---|" * (1 + len(SETS))]
+    labels = {"png": "optimised PNG", "webp": "lossless WebP (method 6)", "jxl-e7": "lossless JPEG-XL (effort 7)",
+              "jxl-e9": "lossless JPEG-XL (effort 9)"}
+    for c in columns:
+        label = f"**Jet `{c}`**" if c in models else labels[c]
+        lines.append(f"| {label} | " + " | ".join(
+            f"{summaries[s][c]['mean']:.3f} ± {summaries[s][c]['sem']:.3f}" for s in ("all", *SETS)) + " |")
+    (args.out / "photo_model.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    for name in models:
+        gap = summaries["all"][name]["mean"] - summaries["all"][best]["mean"]
+        print(f"{name}: {gap:+.3f} bits/subpixel against the best codec ({best}); photos won: {wins[name]}")
+
+
+def _cpu_name() -> str:
+    try:
+        return next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                    if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
