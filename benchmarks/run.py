@@ -296,14 +296,21 @@ def busy_processes() -> list[str]:
     return found
 
 
+MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
+    """The machine a result was measured on: CPU model and the flags that decide its matmul kernels."""
+    cpu, flags = platform.processor() or platform.machine(), []
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = [f for f in MATMUL_FLAGS if f in line.split(":", 1)[1].split()]
                 break
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"cpu": cpu, "cpu_flags": flags, "vendor": "AMD" if "amd" in cpu.lower() else
+            "Intel" if "intel" in cpu.lower() else "unknown", "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "device": str(device)}
     if device.type == "cuda":
