@@ -298,6 +298,20 @@ def test_cli_train_then_resume_with_the_runs_own_options(tmp_path, data_file):
     assert "val_bpd" in records[-1] and saved_run(out)[1]["lr"] == 1e-3
 
 
+def test_cli_coupling_kinds_and_spatial_patterns(tmp_path, data_file):
+    """--kinds and --spatial-patterns set the plan (what the ablations of benchmarks/replicate.py vary)."""
+    out = tmp_path / "run"
+    result = run_cli("train", f"{data_file}:train_images", "--preset", "tiny-16", "--couplings", "4",
+                     "--kinds", "channels,spatial", "--spatial-patterns", "checkerboard,checkerboard-inv",
+                     "--batch-size", "4", "--steps", "1", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert checkpoints.load(out).config.plan() == [("channels", "random"), ("spatial", "checkerboard"),
+                                                   ("channels", "random"), ("spatial", "checkerboard-inv")]
+    result = run_cli("train", f"{data_file}:train_images", "--preset", "tiny-16", "--spatial-patterns", "diagonal",
+                     "--steps", "1", "-o", tmp_path / "bad")
+    assert result.exit_code == 2 and "spatial_projs must be drawn from" in result.output
+
+
 def test_resume_resolves_auto_precision_for_its_own_device(tmp_path, data_file, monkeypatch):
     """auto started where bf16 is emulated trains fp32; resumed where it is native (a GPU), fast. A
     precision given explicitly stays, and so does the resolved precision of runs saved before the asked

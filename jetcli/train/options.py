@@ -80,6 +80,7 @@ class RunSettings:
     heads: int | None = None
     patch_size: int | None = None
     kinds: str | None = None  # comma-separated, e.g. "channels,channels,spatial"
+    spatial_patterns: str | None = None  # comma-separated, e.g. "checkerboard,checkerboard-inv"
     crop: int | None = None
     flip: bool | None = False  # random horizontal flips (None: a run saved before they were a setting)
     val: str | None = None

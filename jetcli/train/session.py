@@ -77,6 +77,8 @@ def model_config(settings: RunSettings, image_size: tuple[int, int]) -> JetConfi
                  if getattr(settings, k) is not None}
     if settings.kinds:
         overrides["kinds"] = tuple(k.strip() for k in settings.kinds.split(","))
+    if settings.spatial_patterns:
+        overrides["spatial_projs"] = tuple(k.strip() for k in settings.spatial_patterns.split(","))
     try:
         if settings.patch_size is None:  # the paper's presets choose the patch size that gives 256 patches
             return preset_for(settings.preset_name, image_size).replace(**overrides)

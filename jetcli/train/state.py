@@ -43,7 +43,8 @@ DATA_KEYS = ("data", "val", "val_fraction", "crop", "flip")  # kept in the optio
 # Also in `extra`: the precision as asked ("auto"), where `precision` is what it resolved to on the device
 # of the session that saved. Runs saved before it was kept resume with their resolved precision.
 ASKED_PRECISION = "asked_precision"
-MODEL_FIELDS = ("preset_name", "couplings", "block_depth", "width", "heads", "patch_size", "kinds")
+MODEL_FIELDS = ("preset_name", "couplings", "block_depth", "width", "heads", "patch_size", "kinds",
+                "spatial_patterns")
 # Everything a run writes in its folder (and ema/): a new run refuses a folder holding any of the outputs.
 OUTPUT_NAMES = (checkpoints.WEIGHTS_NAME, checkpoints.CONFIG_NAME, EMA_DIR, CURVES_NAME, SAMPLES_NAME)
 WRITTEN_NAMES = (STATE_NAME, METRICS_NAME, checkpoints.WEIGHTS_NAME, checkpoints.CONFIG_NAME, CURVES_NAME,
