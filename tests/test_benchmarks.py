@@ -90,3 +90,26 @@ def test_curve_runs_on_a_tiny_config(tmp_path):
     assert fp32["train_bpd"][0] != saved["runs"]["fp32 seed 1"]["train_bpd"][0]
     assert abs(fp32["train_bpd"][0] - fast["train_bpd"][0]) < 1e-2
     assert (tmp_path / "curve" / "curve.png").stat().st_size > 1000
+
+
+def test_replicate_reports_orderings_against_the_seed_spread(tmp_path):
+    """benchmarks/replicate.py's verdicts: an ordering holds, is reversed, or lies within the seed spread."""
+    spec = importlib.util.spec_from_file_location("benchmarks_replicate", REPO_ROOT / "benchmarks" / "replicate.py")
+    replicate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replicate)
+    results = {"4:1 (mixed)": (4.00, 4.02), "all-spatial (mixed)": (4.30, 4.31), "1:1 (mixed)": (4.05, 4.04),
+               "all-channel": (3.99, 3.98)}
+    for cell, values in results.items():
+        for seed, value in enumerate(values):
+            run = tmp_path / replicate.folder_name(cell, seed)
+            run.mkdir()
+            (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "bpd": 9.0}) + "\n" +
+                                               json.dumps({"step": 5, "val_bpd": value}) + "\n")
+    result = replicate.report(5, [0, 1], tmp_path)
+    verdicts = {(o["better"], o["worse"]): o["verdict"] for o in result["orderings"]}
+    assert result["largest_seed_spread"] == pytest.approx(0.02)
+    assert verdicts[("4:1 (mixed)", "all-spatial (mixed)")] == "holds"
+    assert verdicts[("4:1 (mixed)", "all-channel")] == "reversed"
+    assert verdicts[("4:1 (mixed)", "1:1 (mixed)")] == "holds (within the seed spread)"
+    assert ("4:1 (mixed)", "4:1 (checkerboard)") not in verdicts  # a cell not run is not judged
+    assert "not run" in replicate.markdown(result)
