@@ -1,6 +1,6 @@
 """Measure the default model for its model card: held-out bpd beside PNG and lossless WebP.
 
-    python benchmarks/default_model.py --model weights --data ../shared/data --out weights
+    python benchmarks/default_model.py --model weights/cifar10 --data ../shared/data --out weights/cifar10
 
 Writes `eval.json` (all figures) and sample grids (64 samples, seed 0, shown at 2x) at temperatures 0.7,
 0.9 and 1.0 into --out.
@@ -58,9 +58,9 @@ def photo_tiles(folder: Path, size: int) -> np.ndarray:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="weights")
+    ap.add_argument("--model", default="weights/cifar10")
     ap.add_argument("--data", default="../shared/data")
-    ap.add_argument("--out", default="weights")
+    ap.add_argument("--out", default="weights/cifar10")
     ap.add_argument("--samples", type=int, default=4, help="dequantisation draws per image")
     args = ap.parse_args()
     data, out = Path(args.data), Path(args.out)
