@@ -43,6 +43,19 @@ def jet_bits_per_subpixel(model, photo: np.ndarray, samples: int, batch: int = 6
     return float(bpd.double().sum()) * model.config.dims / photo.size
 
 
+def seam_ratio(images: np.ndarray, patch: int) -> float:
+    """How much more neighbouring pixels differ across patch borders than inside patches: the mean
+    absolute difference between horizontal and vertical neighbours that straddle a border of the
+    patch grid, over the same for neighbours inside a patch. About 1 for photos; a visible patch grid
+    (a mosaic of blocks with seams) gives clearly more."""
+    x = images.astype(np.float64)
+    dx, dy = np.abs(np.diff(x, axis=2)), np.abs(np.diff(x, axis=1))  # neighbours (.., j) and (.., j + 1)
+    border = lambda n: (np.arange(n) + 1) % patch == 0  # noqa: E731  (j + 1 starts a new patch)
+    across = np.concatenate([dx[:, :, border(dx.shape[2])].ravel(), dy[:, border(dy.shape[1])].ravel()])
+    inside = np.concatenate([dx[:, :, ~border(dx.shape[2])].ravel(), dy[:, ~border(dy.shape[1])].ravel()])
+    return float(across.mean() / inside.mean())
+
+
 def summary(values) -> dict:
     v = np.asarray(values, dtype=np.float64)
     return {"mean": float(v.mean()), "sem": float(v.std(ddof=1) / np.sqrt(len(v))), "n": int(len(v))}
@@ -54,6 +67,7 @@ def main():
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     ap.add_argument("--samples", type=int, default=2, help="Dequantisation draws averaged per photo.")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seams-only", action="store_true", help="Only measure the patch grid in samples.")
     ap.add_argument("--sample-grids", type=Path, help="Also write 64 samples (seed 0, 2x zoom) at temperatures "
                                                       "0.7, 0.9 and 1.0 of each model to DIR/NAME/.")
     args = ap.parse_args()
@@ -63,6 +77,15 @@ def main():
         loaded = load_model(spec)
         models[name] = dict(model=loaded.model.eval(), sha256=loaded.sha256(), spec=spec,
                             config=loaded.model.config.to_dict(), params=loaded.model.num_params())
+    for name, m in models.items():  # the patch grid in samples at temperature 0.9, measured
+        images = sample(m["model"], 256, 0.9, torch.Generator().manual_seed(1))
+        m["sample_seam_ratio_t0.9"] = seam_ratio(images, m["model"].config.patch_size)
+    if args.seams_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        seams = {n: {"spec": m["spec"], "sample_seam_ratio_t0.9": m["sample_seam_ratio_t0.9"]} for n, m in models.items()}
+        (args.out / "seams.json").write_text(json.dumps(seams, indent=1))
+        print(json.dumps(seams, indent=1))
+        return
     if args.sample_grids:
         for name, m in models.items():
             for temperature in (0.7, 0.9, 1.0):
@@ -79,6 +102,7 @@ def main():
             row[name] = jet_bits_per_subpixel(m["model"], photo, args.samples)
             seconds[name] += time.perf_counter() - start
         row.update(lossless_codecs.codec_bits_per_subpixel(photo))
+        row["seam_ratio_p4"] = seam_ratio(photo[None], 4)  # the same measure on the photo itself
         rows.append(row)
     columns = [*models, *lossless_codecs.CODECS]
     summaries = {s: {c: summary([r[c] for r in rows if s in ("all", r["set"])]) for c in columns}
@@ -90,7 +114,8 @@ def main():
                   cpu=_cpu_name(), torch=torch.__version__, cjxl=lossless_codecs.jxl_version(),
                   models={n: {k: v for k, v in m.items() if k != "model"} | {"seconds": seconds[n]}
                           for n, m in models.items()},
-                  samples=args.samples, summaries=summaries, photos_won_against=wins, per_photo=rows)
+                  samples=args.samples, summaries=summaries,
+                  photo_seam_ratio_p4=summary([r["seam_ratio_p4"] for r in rows]), photos_won_against=wins, per_photo=rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "photo_model.json").write_text(json.dumps(result, indent=1))
     lines = ["| held-out photos, each coded whole (bits per subpixel) | " +
@@ -104,6 +129,8 @@ def main():
             f"{summaries[s][c]['mean']:.3f} ± {summaries[s][c]['sem']:.3f}" for s in ("all", *SETS)) + " |")
     (args.out / "photo_model.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"patch-grid seam ratio, photos: {result['photo_seam_ratio_p4']['mean']:.3f}; samples at T=0.9: " +
+          ", ".join(f"{n} {m['sample_seam_ratio_t0.9']:.3f}" for n, m in models.items()))
     for name in models:
         gap = summaries["all"][name]["mean"] - summaries["all"][best]["mean"]
         print(f"{name}: {gap:+.3f} bits/subpixel against the best codec ({best}); photos won: {wins[name]}")
