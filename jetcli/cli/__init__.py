@@ -8,6 +8,6 @@ A new command is a module NAME.py whose function is decorated `@app.command()`, 
 from jetcli.cli.root import app
 
 # Importing a command module registers its command; `jet --help` lists them in this order.
-from jetcli.cli import train, prepare, bpd, sample, encode, decode, info  # noqa: E402,F401
+from jetcli.cli import train, prepare, bpd, sample, encode, decode, compress, info  # noqa: E402,F401
 
 __all__ = ["app"]
