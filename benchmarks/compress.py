@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None, help="a checkpoint or Hub id (default: the shipped model)")
     parser.add_argument("--samples", type=int, default=1,
                         help="noise draws per tile for the bpd (as jet bpd --samples; its default is 1)")
+    parser.add_argument("--start", type=int, default=0, help="skip this many images of each folder (sorted)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many images per folder")
     parser.add_argument("--json", type=Path, default=None, help="write every row and the summary here")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
            "cpu": platform.processor() or platform.machine(), "cjxl": jxl_version(), "summary": results,
            "rows": rows_by_set}
     for folder in args.folders:
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:args.limit]
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = paths[args.start:][:args.limit]
         rows = rows_by_set[folder.name] = []
         for path in paths:
             row = measure(model, sha, path, args.samples)
