@@ -79,6 +79,12 @@ def main():
         loaded = load_model(spec)
         models[name] = dict(model=loaded.model.eval(), sha256=loaded.sha256(), spec=spec,
                             config=loaded.model.config.to_dict(), params=loaded.model.num_params())
+    if args.sample_grids:
+        for name, m in models.items():
+            for temperature in (0.7, 0.9, 1.0):
+                images = sample(m["model"], 64, temperature, torch.Generator().manual_seed(0))
+                zoomed = images.repeat(2, axis=1).repeat(2, axis=2)
+                save_png(grid(zoomed), args.sample_grids / name / f"samples_t{temperature}.png")
     for name, m in models.items():  # the patch grid in samples at temperature 0.9, measured
         images = sample(m["model"], 256, 0.9, torch.Generator().manual_seed(1))
         m["sample_seam_ratio_t0.9"] = seam_ratio(images, m["model"].config.patch_size)
@@ -88,12 +94,6 @@ def main():
         (args.out / "seams.json").write_text(json.dumps(seams, indent=1))
         print(json.dumps(seams, indent=1))
         return
-    if args.sample_grids:
-        for name, m in models.items():
-            for temperature in (0.7, 0.9, 1.0):
-                images = sample(m["model"], 64, temperature, torch.Generator().manual_seed(0))
-                zoomed = images.repeat(2, axis=1).repeat(2, axis=2)
-                save_png(grid(zoomed), args.sample_grids / name / f"samples_t{temperature}.png")
     files = [f for s in SETS for f in sorted((args.data / s).glob("*.png"))]
     earlier = json.loads(args.reuse.read_text()) if args.reuse else {"per_photo": [], "models": {}}
     reusable = [n for n, m in earlier["models"].items() if n in models and m["sha256"] == models[n]["sha256"]
