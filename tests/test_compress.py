@@ -71,6 +71,14 @@ def test_extreme_images_round_trip(model):
         assert np.array_equal(C.decompress(model, C.compress(model, pixels, SHA).data, SHA), pixels)
 
 
+@pytest.mark.parametrize("quantization", [C.Quantization(1, 4, 1), C.Quantization(6, 10, 9)])
+def test_the_header_carries_the_quantization(model, quantization):
+    pixels = smooth(24, 20, seed=3)
+    data = C.compress(model, pixels, SHA, quantization=quantization).data
+    assert C.read_header(data).quantization == quantization
+    assert np.array_equal(C.decompress(model, data, SHA), pixels)
+
+
 def test_compression_is_deterministic(model, packed):
     result, pixels = packed
     assert C.compress(model, pixels, SHA).data == result.data
