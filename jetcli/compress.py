@@ -256,10 +256,10 @@ def read_header(data: bytes) -> Header:
     are empty, not a compressed file, from a newer format, truncated or damaged."""
     if len(data) == 0:
         raise CompressError("empty file (0 bytes), not a compressed image")
-    if data[:4] != MAGIC[:len(data)] or len(data) < 5:
-        if data[:4] == MAGIC[:len(data)]:
-            raise CompressError(f"truncated: {len(data)} bytes, the header alone is {HEADER_SIZE}")
+    if not MAGIC.startswith(data[:4]):
         raise CompressError(f"not a jet compressed file (it does not start with {MAGIC.decode()})")
+    if len(data) < 5:
+        raise CompressError(f"truncated: {len(data)} bytes, the header alone is {HEADER_SIZE}")
     version = data[4]
     if version > FORMAT_VERSION:
         raise CompressError(f"written in format version {version} by a newer jetcli; this one reads version "
