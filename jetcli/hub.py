@@ -31,7 +31,7 @@ from jetcli.fileio import one_line
 from jetcli.model import Jet
 
 EMBEDDED_PACKAGE = "jetcli.weights"
-DEFAULT_MODEL = "cifar10"  # the embedded model that runs when --model is not given
+DEFAULT_MODEL = "photo"  # the embedded model that runs when --model is not given (weights/photo/README.md)
 HUB_PATTERNS = ["*.safetensors", "*.npz", "*.json"]  # never pickles from the network
 REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 CHECKPOINT_SUFFIXES = (".safetensors", ".npz", *checkpoints.PICKLE_SUFFIXES)

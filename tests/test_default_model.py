@@ -53,3 +53,38 @@ def test_default_model_round_trips_every_cifar_test_image_in_float32(model, cifa
     assert encoded.latent.dtype == np.float32 and encoded.margin < codec.SAFE_MARGIN
     decoded = codec.decode(model, encoded.latent)
     assert np.array_equal(decoded.pixels, tall)
+
+
+@pytest.fixture(scope="module")
+def photo_model():
+    return load_model("photo").model
+
+
+def test_the_default_is_the_photo_model(photo_model, repo_root):
+    from jetcli.hub import DEFAULT_MODEL
+    assert DEFAULT_MODEL == "photo" and load_model(None).sha256() == load_model("photo").sha256()
+    assert photo_model.config.image_size == (32, 32) and photo_model.config.couplings == 24
+    assert (repo_root / "weights" / "photo" / "model.safetensors").stat().st_size < 25 * 2**20
+
+
+def test_photo_model_codes_held_out_photos_better_than_png_and_the_cifar_model(photo_model, model, shared_data):
+    """Two held-out photos coded whole (edge-padded 32x32 tiles): trained photo statistics, not an init."""
+    from jetcli.images import pad_to_tiles, png_bytes, read_rgb, tiles
+    for name in ("101085.png", "12084.png"):
+        photo = read_rgb(shared_data / "cbsd68" / name)
+        padded = torch.from_numpy(tiles(pad_to_tiles(photo, (32, 32)), (32, 32)))
+        bits = {}
+        for label, jet in (("photo", photo_model), ("cifar10", model)):
+            with torch.no_grad():
+                bpd = image_bits(jet, padded, generator=torch.Generator().manual_seed(0)).bpd
+            bits[label] = float(bpd.double().sum()) * 3072 / photo.size
+        png = len(png_bytes(photo, optimize=True)) * 8 / photo.size
+        assert bits["photo"] < png and bits["photo"] < bits["cifar10"] - 0.2, (name, bits, png)
+
+
+def test_photo_model_round_trips_a_held_out_photo_in_float32(photo_model, shared_data):
+    from jetcli.images import pad_to_tiles, read_rgb
+    photo = pad_to_tiles(read_rgb(shared_data / "cbsd68" / "101085.png")[:96, :160], (32, 32))
+    encoded = codec.encode(photo_model, photo)
+    assert encoded.margin < codec.SAFE_MARGIN
+    assert np.array_equal(codec.decode(photo_model, encoded.latent).pixels, photo)
