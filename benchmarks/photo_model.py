@@ -25,6 +25,7 @@ import torch
 from rich.progress import track
 
 import lossless_codecs
+from run import machine
 from jetcli.hub import load_model
 from jetcli.images import grid, pad_to_tiles, read_rgb, save_png, tiles
 from jetcli.likelihood import image_bits
@@ -124,7 +125,7 @@ def main():
     wins = {name: {c: int(sum(r[name] < r[c] for r in rows)) for c in lossless_codecs.CODECS} for name in models}
     result = dict(command=" ".join(["python", "benchmarks/photo_model.py", *[f"--model {m}" for m in args.model],
                                     f"--samples {args.samples}"]),
-                  cpu=_cpu_name(), torch=torch.__version__, cjxl=lossless_codecs.jxl_version(),
+                  machine=machine(torch.device("cpu")), torch=torch.__version__, cjxl=lossless_codecs.jxl_version(),
                   models={n: {k: v for k, v in m.items() if k != "model"} | {"seconds": seconds[n]}
                           for n, m in models.items()},
                   samples=args.samples, summaries=summaries,
@@ -147,14 +148,6 @@ def main():
     for name in models:
         gap = summaries["all"][name]["mean"] - summaries["all"][best]["mean"]
         print(f"{name}: {gap:+.3f} bits/subpixel against the best codec ({best}); photos won: {wins[name]}")
-
-
-def _cpu_name() -> str:
-    try:
-        return next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                    if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

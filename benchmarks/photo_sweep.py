@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from jetcli import checkpoints
+from run import machine
 from jetcli.config import JetConfig, preset
 from jetcli.images import IMAGE_SUFFIXES, read_rgb, tiles
 from jetcli.likelihood import bits_per_dim, dequantize
@@ -163,7 +164,7 @@ def main():
                            val_sem=float(np.std(per_photo, ddof=1) / np.sqrt(len(per_photo))),
                            per_photo=per_photo)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = dict(cpu=_cpu_name(), torch=torch.__version__, cpu_minutes_budget=args.cpu_minutes,
+    result = dict(machine=machine(torch.device("cpu")), torch=torch.__version__, cpu_minutes_budget=args.cpu_minutes,
                   split=dict(train=len(list(train.iterdir())), val=len(photos)), runs=plans)
     (args.out / "sweep.json").write_text(json.dumps(result, indent=1))
     print("| config | params | steps | CPU min | val bits/subpixel |\n|---|---|---|---|---|")
@@ -171,14 +172,6 @@ def main():
         p = plans[name]
         print(f"| {name} | {p['params']:,} | {p['steps']} | {p['cpu_s'] / 60:.1f} | "
               f"{p['val_bits_per_subpixel']:.4f} ± {p['val_sem']:.4f} |")
-
-
-def _cpu_name() -> str:
-    try:
-        return next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                    if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

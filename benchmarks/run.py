@@ -43,6 +43,7 @@ from jetcli.kernels import TunedLinear as Linear
 from jetcli.likelihood import bits_per_dim, dequantize
 from jetcli.model import patchify
 from jetcli.precision import compute_context
+from jetcli.testing import port_of, random_jet
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -139,31 +140,6 @@ class Contender:
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z, logdet = self.model(x)
         return z, logdet.reshape(-1)
-
-
-def port_of(model: Jet) -> torch.nn.Module:
-    """jet-pytorch 0.0.2's Jet holding `model`'s weights (jetcli.checkpoints' adapter)."""
-    from jet_pytorch.jet import Jet as PortJet
-
-    cfg = model.config
-    port = PortJet(patch_size=cfg.patch_size, patch_dim=cfg.patch_dim, n_patches=cfg.num_patches,
-                   img_dims=cfg.image_size, coupling_layers=cfg.couplings, block_depth=cfg.block_depth,
-                   block_width=cfg.width, num_heads=cfg.heads, scale_factor=cfg.scale_factor,
-                   coupling_types=cfg.kinds, spatial_coupling_projs=cfg.spatial_projs)
-    port.load_state_dict(checkpoints.to_jet_pytorch(model), strict=True)
-    return port.to(next(model.parameters()).device)
-
-
-def random_model(cfg: JetConfig, seed: int, device: torch.device) -> Jet:
-    """A Jet whose couplings are not the identity (the zero-initialised final projections get noise
-    with std 0.3 on bias and raw scale, as in tests/conftest.py), so every ViT's output matters."""
-    torch.manual_seed(seed)
-    model = Jet(cfg)
-    with torch.no_grad():
-        for coupling in model.couplings:
-            coupling.vit.final_proj.weight.normal_(std=0.3 / math.sqrt(cfg.width))
-            coupling.vit.final_proj.bias.normal_(std=0.3)
-    return model.to(device)
 
 
 def image_batch(cfg: JetConfig, n: int, seed: int) -> torch.Tensor:
@@ -363,7 +339,7 @@ def speed(
         raise typer.BadParameter(str(e)) from None
     cfg = cfg.replace(**PORT_NUMERICS) if numerics == "port" else cfg
     if loaded is None:
-        model = random_model(cfg, seed, device)
+        model = random_jet(cfg, seed, device=device).train()  # the mode the old loop timed in
     else:
         model = Jet(cfg).to(device)
         model.load_state_dict(loaded.state_dict())
