@@ -213,7 +213,7 @@ def test_bpd_strict_stops_at_the_first_bad_file(here, model):
 
 def test_ctrl_c_during_a_real_bpd_run(here, model):
     """SIGINT to a real process once its first CSV row is out: exit 130, the rows done, marked incomplete."""
-    names = images(40, size=(256, 256))
+    names = images(120, size=(512, 512))  # far more work than the signal's way takes, even on a fast machine
     process = subprocess.Popen([sys.executable, "-m", "jetcli", "bpd", *names, "-m", str(model), "--device", "cpu",
                                 "--csv"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=here)
     header, first = process.stdout.readline(), process.stdout.readline()
@@ -221,6 +221,6 @@ def test_ctrl_c_during_a_real_bpd_run(here, model):
     rest, stderr = process.communicate(timeout=120)
     lines = (header + first + rest).decode().splitlines()
     assert process.returncode == 130, stderr.decode()
-    assert lines[0].startswith("path,height,width") and lines[1].startswith("img0.png,256,256,256,0,")
-    assert lines[-1].startswith("# incomplete: interrupted after ") and len(lines) < 42
+    assert lines[0].startswith("path,height,width") and lines[1].startswith("img0.png,512,512,1024,0,")
+    assert lines[-1].startswith("# incomplete: interrupted after ") and len(lines) < 122
     assert "Traceback" not in stderr.decode()
