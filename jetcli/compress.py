@@ -89,11 +89,11 @@ SUFFIX = ".jetz"
 HEADER = struct.Struct("<4sBBBB32s16s16sIIHHII")
 HEADER_SIZE = HEADER.size  # 92 bytes
 CRC_OFFSET = HEADER_SIZE - 4
-GROUP_MAX = 8  # tiles per ViT batch at most (CPU throughput is flat beyond 8), after the ramp (_groups)
-STACK_BITS = 3  # bits per dim each coded tile is assumed to leave on the stack (photos: 3 to 5)
-GAIN_BITS = 6  # bits per dim a tile is assumed to take back through its couplings before its prior push
-FIRST_CHUNK = 32  # the first flow-coded tile's couplings pop and push this many values at a time (_forward)
-DIRECT_TILES = 1  # tiles coded first without bits-back (push_direct), to give the rest bits to take back
+GROUP_MAX = 8  # tiles per ViT batch at most (CPU throughput is flat beyond 8)
+EXCURSION_BITS = 10  # bits per dim a flow group may take from the stack per tile, beyond its noise (_plan_step)
+DIRECT_BELOW_BITS = 8  # a tile is coded directly while the stack holds less than (noise_bits + this) per dim
+THIN_CHUNK = 128  # a flow group of one tile pops and pushes its couplings this many values at a time
+STEP_SYMBOLS = GROUP_MAX + 1  # each step of the coding order, pushed after it: 0 a direct tile, g a group
 DIRECT_SCALES = 0.5 * 2.0 ** (np.arange(16) / 2)  # Laplace scales push_direct chooses from
 PRIOR_RANGE = 1 << 11  # coarse latent cells coded by the Gaussian model; beyond: escapes
 ESCAPE_BITS = 48  # an escaped coarse value's excess, as 3 x 16 raw bits
@@ -116,9 +116,9 @@ class _Undecodable(Exception):
 class Quantization:
     """The coder's grids, stored in each file's header."""
 
-    noise_bits: int = 2  # cells per 8-bit bin: 2**noise_bits; d = (1/127.5) / 2**noise_bits
+    noise_bits: int = 5  # cells per 8-bit bin: 2**noise_bits; d = (1/127.5) / 2**noise_bits
     refine_bits: int = 6  # M = 2**refine_bits fine points per cell inside a coupling
-    coarse_bits: int = 3  # the prior's coarse cell is 2**coarse_bits cells of d (sigma = 63.75 of them)
+    coarse_bits: int = 6  # the prior's coarse cell is 2**coarse_bits cells of d (sigma = 63.75 of them)
 
     def __post_init__(self):
         if not (1 <= self.noise_bits <= 16 and 4 <= self.refine_bits <= 12 and 1 <= self.coarse_bits <= 20):
@@ -165,6 +165,7 @@ class Compressed(NamedTuple):
     payload_bits: int  # the ANS words, in bits (a multiple of 32)
     header_bytes: int
     tiles: int
+    steps: tuple[int, ...]  # the coding order: 0 a tile coded directly, g a ViT batch of g tiles
 
 
 # --------------------------------------------------------------------------- public API
@@ -183,13 +184,18 @@ def compress(model: Jet, pixels: np.ndarray, model_sha256: bytes | str,
     stack = _Stack()
     coder = _Coder(flow, quantization)
     passes = 2 if verify else 1
-    for start, stop in _groups(len(batch), quantization.noise_bits):
-        if start < DIRECT_TILES:
+    steps, start = [], 0
+    while start < len(batch):
+        step = _plan_step(stack, len(batch) - start, batch[0].size, quantization)
+        if step == 0:
             coder.push_direct(stack, batch[start])
         else:
-            coder.encode_group(stack, batch[start:stop], first=start == DIRECT_TILES)
+            coder.encode_group(stack, batch[start:start + step], chunk=THIN_CHUNK if step == 1 else None)
+        stack.push_uniform_of(np.array([step]), STEP_SYMBOLS)  # the decoder pops it before the step
+        steps.append(step)
+        start += max(1, step)
         if progress:
-            progress(stop, passes * len(batch))
+            progress(start, passes * len(batch))
     words = stack.words()
     payload = words.astype("<u4").tobytes()
     header = Header(FORMAT_VERSION, quantization, sha, fingerprint(flow, quantization), _digest(pixels),
@@ -201,7 +207,7 @@ def compress(model: Jet, pixels: np.ndarray, model_sha256: bytes | str,
         if decoded.shape != pixels.shape or not np.array_equal(decoded, pixels):
             raise CompressError("the compressed file does not decode to the same pixels on this machine; "
                                 "nothing written")
-    return Compressed(data, 32 * len(words), HEADER_SIZE, len(batch))
+    return Compressed(data, 32 * len(words), HEADER_SIZE, len(batch), tuple(steps))
 
 
 def decompress(model: Jet, data: bytes, model_sha256: bytes | str, progress: Progress | None = None) -> np.ndarray:
@@ -229,15 +235,20 @@ def decompress(model: Jet, data: bytes, model_sha256: bytes | str, progress: Pro
     stack = _Stack(words)
     out = np.empty((rows * cols, *tile, 3), dtype=np.uint8)
     try:
-        for start, stop in reversed(_groups(rows * cols, header.quantization.noise_bits)):
-            if stack.coder.is_empty():  # the encoder's stack never is, above the first tile
+        stop = rows * cols
+        while stop:
+            if stack.coder.is_empty():  # the encoder's never is, once it has coded a tile
                 raise _Undecodable("the data ran out before the first tile")
-            if start < DIRECT_TILES:
-                out[start] = coder.pop_direct(stack)
+            step = int(stack.pop_model(_Uniform(STEP_SYMBOLS), 1)[0])
+            if step > stop:
+                raise _Undecodable(f"a group of {step} tiles where {stop} are left")
+            if step == 0:
+                out[stop - 1] = coder.pop_direct(stack)
             else:
-                out[start:stop] = coder.decode_group(stack, stop - start, first=start == DIRECT_TILES)
+                out[stop - step:stop] = coder.decode_group(stack, step, chunk=THIN_CHUNK if step == 1 else None)
+            stop -= max(1, step)
             if progress:
-                progress(rows * cols - start, rows * cols)
+                progress(rows * cols - stop, rows * cols)
         if not stack.coder.is_empty():  # every op undone: the stack is back where the encoder began
             raise _Undecodable("data left over after the last tile")
     except (_Undecodable, ValueError, OverflowError, RuntimeError) as e:  # constriction raises ValueError
@@ -309,7 +320,7 @@ def fingerprint(model: Jet, quantization: Quantization = DEFAULT_QUANTIZATION) -
     coder = _Coder(flow, quantization)
     coder.trace = hashlib.sha256()
     stack = _Stack(_probe_words(64))
-    coder.encode_group(stack, probe[:1], first=True)
+    coder.encode_group(stack, probe[:1], chunk=THIN_CHUNK)
     coder.encode_group(stack, probe[1:])
     coder.trace.update(stack.words().astype("<u4").tobytes())
     return coder.trace.digest()[:16]
@@ -330,6 +341,9 @@ class _Stack:
 
     def push_uniform(self, values: np.ndarray, bits: int) -> None:
         self.coder.encode_reverse(values.astype(np.int32), _Uniform(1 << bits))
+
+    def push_uniform_of(self, values: np.ndarray, size: int) -> None:
+        self.coder.encode_reverse(values.astype(np.int32), _Uniform(size))
 
     def pop_sized(self, sizes: np.ndarray) -> np.ndarray:
         return self.coder.decode(_Uniform(), sizes.astype(np.int32)).astype(np.int64)
@@ -363,8 +377,9 @@ class _Coder:
                                 f"{self.scale_factor:g}")
 
     # ----- encoder
-    def encode_group(self, stack: _Stack, pixels: np.ndarray, first: bool = False) -> None:
-        """Push a group of tiles (G, h, w, 3) uint8 onto the stack; `first`: the file's first group."""
+    def encode_group(self, stack: _Stack, pixels: np.ndarray, chunk: int | None = None) -> None:
+        """Push a group of tiles (G, h, w, 3) uint8 onto the stack, each coupling's values `chunk` at a
+        time (None: a tile's at once)."""
         k = self.p.noise_bits
         cells = (pixels.astype(np.int64) << k) - self.offset
         cells = cells + stack.pop_uniform(k, cells.size).reshape(cells.shape)  # dequantisation: bits back
@@ -375,9 +390,8 @@ class _Coder:
             x2 = x2.numpy().reshape(len(pixels), -1)
             z2 = np.empty_like(x2)
             for t in range(len(pixels)):
-                chunk = FIRST_CHUNK if first and t == 0 else x2.shape[1]
-                for c in range(0, x2.shape[1], chunk):
-                    part = slice(c, c + chunk)
+                for c in range(0, x2.shape[1], chunk or x2.shape[1]):
+                    part = slice(c, c + (chunk or x2.shape[1]))
                     z2[t, part] = self._forward(stack, x2[t, part], scale[t, part], bias[t, part])
             x = coupling.split.merge(x1, torch.from_numpy(z2).view(x1.shape))
         z = unpatchify(x, self.patch, self.tile).numpy().reshape(len(pixels), -1)
@@ -386,7 +400,7 @@ class _Coder:
 
     def _forward(self, stack: _Stack, x2: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
         """One coupling on values x2 of one tile. The pop comes before the push, so the stack must hold
-        refine_bits per value first: the file's first tile, whose stack is empty, goes in small chunks."""
+        refine_bits per value first: while it is thin, values go in chunks."""
         m = self.p.refine_bits
         fine = (x2 << m) + stack.pop_uniform(m, x2.size)  # refine each cell (bits back) ...
         z = self._cell(fine, scale, bias)  # ... map it ...
@@ -407,22 +421,28 @@ class _Coder:
         stack.push_uniform(fine, c)
 
     def push_direct(self, stack: _Stack, pixels: np.ndarray) -> None:
-        """Push one tile (h, w, 3) without bits-back: each row's difference from the row above (the first
-        row's from 128), wrapped to -128..127, under a Laplace whose scale (one of DIRECT_SCALES, pushed
-        last) fits the tile. It costs a little more than the flow would, but it needs no bits below it."""
-        residual = _wrap(np.diff(pixels.astype(np.int64), axis=0, prepend=128))
-        index = int(np.abs(np.log2(DIRECT_SCALES / max(np.abs(residual).mean(), 0.25))).argmin())
-        stack.push_model(residual.reshape(-1), _laplace(index))
-        stack.push_uniform(np.array([index]), 4)
+        """Push one tile (h, w, 3) without bits-back, as a classical lossless coder would: each value's
+        difference from LOCO-I's median predictor (left, above, above-left; 128 at the corner), green's
+        difference subtracted from red's and blue's, wrapped to -128..127, under two Laplaces (green,
+        red and blue) whose scales, each one of DIRECT_SCALES, are pushed last. It costs more than the
+        flow would, but it needs no bits below it."""
+        residual = _wrap(pixels.astype(np.int64) - _med(pixels.astype(np.int64)))
+        green, others = residual[..., 1], _wrap(residual[..., [0, 2]] - residual[..., 1:2])
+        scales = [_scale_index(green), _scale_index(others)]
+        stack.push_model(green.reshape(-1), _laplace(scales[0]))
+        stack.push_model(others.reshape(-1), _laplace(scales[1]))
+        stack.push_uniform(np.array(scales), 4)
 
     def pop_direct(self, stack: _Stack) -> np.ndarray:
         h, w = self.tile
-        index = int(stack.pop_model(_Uniform(16), 1)[0])
-        residual = stack.pop_model(_laplace(index), h * w * 3).reshape(h, w, 3)
-        return ((128 + np.cumsum(residual, axis=0)) % 256).astype(np.uint8)
+        scales = stack.pop_model(_Uniform(16), 2)
+        others = stack.pop_model(_laplace(int(scales[1])), h * w * 2).reshape(h, w, 2)
+        green = stack.pop_model(_laplace(int(scales[0])), h * w).reshape(h, w)
+        residual = np.stack([others[..., 0] + green, green, others[..., 1] + green], axis=-1)
+        return _unmed(residual).astype(np.uint8)
 
     # ----- decoder
-    def decode_group(self, stack: _Stack, count: int, first: bool = False) -> np.ndarray:
+    def decode_group(self, stack: _Stack, count: int, chunk: int | None = None) -> np.ndarray:
         """Pop a group of `count` tiles; returns their pixels (count, h, w, 3) uint8."""
         h, w = self.tile
         dims = h * w * 3
@@ -439,9 +459,8 @@ class _Coder:
                 raise _Undecodable("a latent cell outside the coupling's image")
             x2 = np.empty_like(z2)
             for t in reversed(range(count)):
-                chunk = FIRST_CHUNK if first and t == 0 else x2.shape[1]
-                for c in reversed(range(0, x2.shape[1], chunk)):
-                    part = slice(c, c + chunk)
+                for c in reversed(range(0, x2.shape[1], chunk or x2.shape[1])):
+                    part = slice(c, c + (chunk or x2.shape[1]))
                     fine = low[t, part] + stack.pop_sized(high[t, part] - low[t, part])
                     stack.push_uniform(fine & (self.p.refine - 1), self.p.refine_bits)
                     x2[t, part] = fine >> self.p.refine_bits
@@ -513,22 +532,57 @@ class _Coder:
 
 
 # --------------------------------------------------------------------------- helpers
-def _groups(count: int, noise_bits: int) -> list[tuple[int, int]]:
-    """The coding order, as tile ranges: the DIRECT_TILES first tiles one by one, then groups coded as one
-    ViT batch each. A group takes back its noise and the couplings' expansion (noise_bits + about
-    GAIN_BITS per dim) before it pushes its latents, so groups grow only as the stack below them does:
-    by STACK_BITS per dim per tile coded (a conservative bpd), up to GROUP_MAX tiles."""
-    out, start = [], 0
-    while start < count:
-        size = 1 if start < DIRECT_TILES else min(GROUP_MAX, max(1, start * STACK_BITS // (noise_bits + GAIN_BITS)))
-        out.append((start, min(count, start + size)))
-        start += size
-    return out
+def _plan_step(stack: _Stack, left: int, dims: int, quantization: Quantization) -> int:
+    """The next step of the coding order, from how many bits the stack holds: 0 (code the next tile
+    directly) while it cannot pay one flow tile's excursion, else a ViT batch of as many tiles as it
+    can pay for at noise_bits + EXCURSION_BITS per dim each, 1 to GROUP_MAX. (A flow tile takes back its
+    noise and its couplings' expansion, ~6 bits per dim on photos, before it pushes its latent.)"""
+    bits = stack.coder.num_valid_bits()
+    if bits < dims * (quantization.noise_bits + DIRECT_BELOW_BITS):
+        return 0
+    return int(min(left, GROUP_MAX, max(1, bits // (dims * (quantization.noise_bits + EXCURSION_BITS)))))
 
 
 def _wrap(values: np.ndarray) -> np.ndarray:
     """Integers modulo 256, as -128..127."""
     return (values + 128) % 256 - 128
+
+
+def _med(image: np.ndarray) -> np.ndarray:
+    """LOCO-I's median edge predictor of every value of an (h, w, c) int image from its left (a), above
+    (b) and above-left (c) neighbours: min(a, b) if c >= max(a, b), max(a, b) if c <= min(a, b), else
+    a + b - c. The first row predicts from the left, the first column from above, the corner 128."""
+    left, above, corner = np.empty_like(image), np.empty_like(image), np.empty_like(image)
+    left[:, 1:], above[1:], corner[1:, 1:] = image[:, :-1], image[:-1], image[:-1, :-1]
+    left[0, 0] = above[0, 0] = corner[0, 0] = 128
+    above[0, 1:] = corner[0, 1:] = left[0, 1:]
+    left[1:, 0] = corner[1:, 0] = above[1:, 0]
+    low, high = np.minimum(left, above), np.maximum(left, above)
+    return np.where(corner >= high, low, np.where(corner <= low, high, left + above - corner))
+
+
+def _unmed(residual: np.ndarray) -> np.ndarray:
+    """The image whose values are (_med's prediction + residual) mod 256, rebuilt value by value."""
+    h, w, c = residual.shape
+    res = residual.tolist()
+    out = [[[0] * c for _ in range(w)] for _ in range(h)]
+    for i in range(h):
+        for j in range(w):
+            for k in range(c):
+                if i == 0:
+                    guess = 128 if j == 0 else out[0][j - 1][k]
+                elif j == 0:
+                    guess = out[i - 1][0][k]
+                else:
+                    a, b, corner = out[i][j - 1][k], out[i - 1][j][k], out[i - 1][j - 1][k]
+                    guess = min(a, b) if corner >= max(a, b) else max(a, b) if corner <= min(a, b) else a + b - corner
+                out[i][j][k] = (guess + res[i][j][k]) % 256
+    return np.array(out, dtype=np.int64)
+
+
+def _scale_index(residual: np.ndarray) -> int:
+    """The DIRECT_SCALES entry nearest (in log) to the residuals' mean absolute value, Laplace's ML scale."""
+    return int(np.abs(np.log2(DIRECT_SCALES / max(float(np.abs(residual).mean()), 0.25))).argmin())
 
 
 def _laplace(index: int):

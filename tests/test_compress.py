@@ -45,7 +45,9 @@ def smooth(h: int, w: int, seed: int = 0) -> np.ndarray:
 def packed(model):
     """A compressed 20x13 image (any size: padded to 24x16, 6 tiles) and its pixels."""
     pixels = smooth(20, 13)
-    return C.compress(model, pixels, SHA), pixels
+    result = C.compress(model, pixels, SHA)
+    assert any(result.steps)  # some tiles go through the flow (the rest are coded directly)
+    return result, pixels
 
 
 def with_crc(data: bytes) -> bytes:
@@ -93,7 +95,8 @@ def test_extreme_couplings_round_trip():
             coupling.vit.final_proj.bias[:half] = 60.0  # bias: pushes latents out to ~60 sigma and more
             coupling.vit.final_proj.bias[half:half + 3] = -40.0  # raw scale: sigmoid ~ 4e-18
     pixels = smooth(16, 16)
-    assert np.array_equal(C.decompress(far, C.compress(far, pixels, SHA).data, SHA), pixels)
+    result = C.compress(far, pixels, SHA)
+    assert any(result.steps) and np.array_equal(C.decompress(far, result.data, SHA), pixels)
 
 
 # --------------------------------------------------------------------------- sizes
@@ -108,12 +111,26 @@ def test_size_tracks_the_bpd(model):
     assert abs(overhead) < 2 * 12 * 8 * 8 * 3  # start-up: of the order of one tile's noise and expansion
 
 
-def test_groups_cover_every_tile_in_order():
-    for count in (1, 2, 5, 64, 1000):
-        groups = C._groups(count, 4)
-        assert [g[0] for g in groups[1:]] == [g[1] for g in groups[:-1]] and groups[0][0] == 0
-        assert groups[-1][1] == count and all(1 <= b - a <= C.GROUP_MAX for a, b in groups)
-        assert all(b - a == 1 for a, b in groups[:C.DIRECT_TILES])
+def test_coding_order_follows_the_stack(model):
+    """Tiles are coded directly while the stack is too thin to take bits back from, then in ViT batches
+    as large as the stack can pay for, up to GROUP_MAX; the order travels in the stream."""
+    result = C.compress(model, smooth(96, 96, seed=7), SHA)  # 144 tiles
+    steps = result.steps
+    assert sum(max(1, s) for s in steps) == result.tiles == 144 and all(0 <= s <= C.GROUP_MAX for s in steps)
+    direct = steps.index(1)
+    assert direct >= 1 and set(steps[:direct]) == {0} and 0 not in steps[direct:]  # the stack only grows
+    assert max(steps) == C.GROUP_MAX and list(steps[direct:steps.index(C.GROUP_MAX)]) == sorted(
+        steps[direct:steps.index(C.GROUP_MAX)])
+
+
+def test_direct_tiles_round_trip():
+    coder = C._Coder.__new__(C._Coder)
+    coder.tile = (8, 8)
+    rng = np.random.default_rng(4)
+    for tile in (rng.integers(0, 256, (8, 8, 3), np.uint8), smooth(8, 8), np.full((8, 8, 3), 255, np.uint8)):
+        stack = C._Stack()
+        coder.push_direct(stack, tile)
+        assert np.array_equal(coder.pop_direct(stack), tile) and stack.coder.is_empty()
 
 
 # --------------------------------------------------------------------------- refusals
