@@ -1,6 +1,6 @@
 """Lossless image compression with the flow: bits-back coding, so that files are as small as the bpd says.
 
-    compress(model, pixels, model_sha256) -> Compressed(data, payload_bits, header_bytes, tiles)
+    compress(model, pixels, model_sha256) -> Compressed(data, payload_bits, header_bytes, tiles, steps)
     decompress(model, data, model_sha256) -> pixels uint8 (H, W, 3)
     read_header(data) -> Header;  steady_bits(model, pixels) -> int (a measurement, see below)
 
@@ -27,22 +27,25 @@ backwards, op by op.
 
 A tile's cost is then -log2 N(z) d - sum log2 scale - noise_bits D: its bpd * D up to the grid's
 rounding. `steady_bits` measures that part alone (the tiles coded on top of a stack that already holds
-plenty of bits); on photos it is within a few 1e-4 of `jet bpd`'s bits for the same padded image.
+plenty of bits), to compare with `jet bpd`'s bits for the same padded image.
 
 Initial bits. Bits-back pops before it pushes: a tile takes back its noise and its couplings' expansion
-(about noise_bits + 5 bits per dim on photos) before it pushes its latent, and the first tiles have
-nothing below them to take it from. So (a) the first tile (DIRECT_TILES) is coded without bits-back, as
-each row's difference from the row above under a Laplace (push_direct); (b) the first flow-coded tile
-pops and pushes its couplings in chunks of FIRST_CHUNK values; (c) tiles go in groups (one ViT batch
-each, row-major) that grow with the stack below them: 1 tile while it is thin, then more, up to
-GROUP_MAX (_groups). What remains, the fixed per-file overhead, is payload_bits - steady_bits: about
-1.5 kB per photo, besides the HEADER_SIZE-byte header (numbers: benchmarks/compress.py).
+(noise_bits + ~6 bits per dim on photos, more on smooth ones) before it pushes its latent, and the first
+tiles have nothing below them to take that from. So the coding order follows the stack (_plan_step):
+while the stack holds less than (noise_bits + DIRECT_BELOW_BITS) per dim, the next tile is coded
+directly, without bits-back (push_direct: LOCO-I's median predictor, green's residual subtracted from
+red's and blue's, two Laplaces); then tiles go through the flow in ViT batches as large as the stack can
+pay for at noise_bits + EXCURSION_BITS per dim each, up to GROUP_MAX, a batch of one popping and pushing
+in chunks. Each step (0: a direct tile, g: a batch of g) is pushed after it, so the decoder pops the
+order as it goes. What this start costs, payload_bits - steady_bits, is the fixed per-file overhead
+besides the HEADER_SIZE-byte header; it can be negative where the direct coder beats the flow on the
+first tiles (smooth skies). Numbers: benchmarks/compress.py.
 
-Quantization (stored in the header), chosen by measurement on a CBSD68 photo (101085, 176 tiles): the
-noise grid trades start-up cost against rounding. With one direct tile and refine_bits 6, noise_bits
-2 / 3 / 4 gave start-up overheads of 11.4 / 14.5 / 16.7 kbit, and steady parts within +-0.03% of the
-bpd at all three (noise_bits 4 with no direct tile: 27.7 kbit; with two: 12.5). refine_bits 6 keeps
-n(Z) >= 32 fine points per cell.
+Quantization (stored in the header), by measurement with the photo model on whole photos (CBSD68 101087
+and 102061, McMaster 11; steady bits against jet bpd's): noise_bits 2 / 3 / 4 / 5 (refine_bits 6) gave
++0.90 / +0.18 / +0.09 / -0.02%, +0.69 / +0.15 / +0.05 / -0.05% and -0.07 / -0.14 / -0.16 / -0.18%;
+the finer grid's longer start is covered by direct tiles. refine_bits 6 vs 8 made no difference
+(n(Z) >= 32 fine points per cell).
 
 Sizes: any image; it is padded at the bottom and right to whole tiles by `images.pad_to_tiles` (edge
 padding, the convention of jet bpd and jet encode) and the decoder cuts the padding off by the stored
@@ -57,8 +60,9 @@ fingerprint differs, before decoding anything. After decoding, the stack must be
 pixels must match the header's digest, so a difference the probe missed is a refusal too, never wrong
 pixels; `compress` decompresses every file before returning it.
 
-File layout, format version 1 (little-endian): the header, then the ANS words. The coding order (the
-direct tiles, the group sizes, the chunking) is part of the format.
+File layout, format version 1 (little-endian): the header, then the ANS words (constriction's AnsCoder,
+32-bit words). The coding order travels in the words; its rules (direct coder, chunking, symbols) are
+part of the format.
 
     0  4s magic b"JETZ"        | 4  B format version     | 5 B noise_bits | 6 B refine_bits | 7 B coarse_bits
     8  32s model sha256        | 40 16s numerics fingerprint | 56 16s pixel digest (sha256 of the pixels)
