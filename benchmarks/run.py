@@ -19,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,11 +39,13 @@ from rich.table import Table
 
 from jetcli import Jet, JetConfig, checkpoints, preset
 from jetcli.codec import exact_arithmetic
+from jetcli.data import ImageSet
 from jetcli.kernels import TunedLinear as Linear
 from jetcli.likelihood import bits_per_dim, dequantize
 from jetcli.model import patchify
 from jetcli.precision import compute_context
 from jetcli.testing import port_of, random_jet
+from jetcli.train import Trainer, TrainOptions
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -511,8 +513,9 @@ def curve(
     out: Path = typer.Option(REPO / "benchmarks" / "results" / "curve", help="Folder for curve.json/png."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
-    """Train the same model in float32 and in fast mode (same seed, data and noise), and float32 with
-    another seed as the yardstick for noise; compare the curves and the final bpd."""
+    """Train the same model with jetcli's Trainer in float32 and in fast mode (same seed, data order and
+    noise), and in float32 with another seed as the yardstick for noise; compare the curves and the
+    final bpd, and evaluate each run's final weights both ways."""
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -520,18 +523,21 @@ def curve(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     with np.load(data) as f:
-        train_set, test_set = torch.from_numpy(f["train_images"]), torch.from_numpy(f["test_images"][:eval_images])
+        train_set = ImageSet(f["train_images"])
+        val_set = ImageSet(f["test_images"][:eval_images])
+    cfg = cfg.replace(image_size=train_set.image_size)
     runs = {"fp32": ("fp32", seed), "fast": ("fast", seed), f"fp32 seed {seed + 1}": ("fp32", seed + 1)}
     records = {}
-    with Progress(console=err, transient=True, disable=as_json) as progress:
+    with tempfile.TemporaryDirectory() as folders, Progress(console=err, transient=True, disable=as_json) as bars:
         for name, (precision, run_seed) in runs.items():
-            bar = progress.add_task(name, total=steps)
-            records[name] = train_run(cfg, train_set, test_set, precision, run_seed, steps, batch, eval_every,
-                                      lambda: progress.advance(bar))
+            opts = TrainOptions(out=Path(folders) / name, steps=steps, batch_size=batch, precision=precision,
+                                seed=run_seed, eval_every=eval_every, ckpt_every=steps, device="cpu")
+            bar = bars.add_task(name, total=steps)
+            records[name] = trainer_run(Trainer(cfg, train_set, val_set, opts), lambda r: bars.advance(bar))
     summary = compare_runs(records, seed, steps)
     summary.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(torch.device("cpu")),
-                   command=" ".join(sys.argv), preset=preset_name, batch=batch, steps=steps, eval_images=len(test_set),
-                   busy_processes=busy_processes())
+                   command=" ".join(sys.argv), preset=preset_name, batch=batch, steps=steps,
+                   eval_images=len(val_set), busy_processes=busy_processes())
     out.mkdir(parents=True, exist_ok=True)
     (out / "curve.json").write_text(json.dumps({"summary": summary, "runs": records}, indent=1) + "\n")
     plot_runs(records, out / "curve.png", f"{preset_name}, batch {batch}, CIFAR-10 subset")
@@ -542,53 +548,25 @@ def curve(
         Console().print(f"wrote {out / 'curve.json'} and {out / 'curve.png'}")
 
 
-def train_run(cfg: JetConfig, train_set: torch.Tensor, test_set: torch.Tensor, precision: str, seed: int,
-              steps: int, batch: int, eval_every: int, advance) -> dict:
-    """A plain training loop (AdamW with big_vision's betas, 10% linear warmup then cosine, clip 1.0).
-    The data order and the dequantisation noise depend on the seed only, not on the precision."""
-    torch.manual_seed(seed)
-    model = Jet(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), **ADAM)
-    order, noise = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1000)
-    test_x = dequantize(test_set, torch.Generator().manual_seed(7))
-    warm = max(1, steps // 10)
-    record = {"precision": precision, "seed": seed, "step": [], "train_bpd": [], "eval_step": [], "val_bpd": {}}
-    train_seconds = 0.0
-    for step in range(steps):
-        start = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = ADAM["lr"] * min(1, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        x = dequantize(train_set[torch.randint(len(train_set), (batch,), generator=order)], noise)
-        model.train()
-        with compute_context("cpu", precision):
-            z, logdet = model(x)
-        loss = bits_per_dim(z.float(), logdet.float()).bpd.mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        record["step"].append(step + 1)
-        record["train_bpd"].append(loss.item())
-        train_seconds += time.perf_counter() - start
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            record["eval_step"].append(step + 1)
-            for mode in ("fp32", "fast"):
-                record["val_bpd"].setdefault(mode, []).append(evaluate(model, test_x, mode))
-        advance()
-    record["train_seconds"] = train_seconds  # the training steps alone, without the evaluations
-    record["train_images_per_s"] = steps * batch / train_seconds
-    return record
-
-
-@torch.no_grad()
-def evaluate(model: Jet, x: torch.Tensor, precision: str) -> float:
-    model.eval()
-    total = 0.0
-    for part in x.split(64):
-        with compute_context("cpu", precision):
-            z, logdet = model(part)
-        total += bits_per_dim(z.float(), logdet.float()).bpd.double().sum().item()
-    return total / len(x)
+def trainer_run(trainer: Trainer, progress) -> dict:
+    """One run of the shipped training loop (jetcli.train.Trainer: its optimiser, schedule, data stream
+    and noise), as curves: the training bpd of every step, the val bpd every `eval_every` steps in the
+    run's own precision, and the final weights evaluated in float32 and in fast mode."""
+    history = trainer.run(progress)
+    opts = trainer.opts
+    final = {}
+    for mode in ("fp32", "fast"):
+        trainer.opts = replace(opts, precision=mode)
+        final[mode] = trainer.evaluate()
+    trainer.opts = opts
+    timed = [r for r in history if "img_per_s" in r]  # one per report, over the steps since the last one
+    seconds = sum((r["step"] - prev["step"]) * opts.batch_size / r["img_per_s"]
+                  for prev, r in zip([{"step": 0}] + timed, timed))
+    evals = [r for r in history if "val_bpd" in r]
+    return {"precision": opts.precision, "seed": opts.seed, "step": [r["step"] for r in history],
+            "train_bpd": [r["bpd"] for r in history], "eval_step": [r["step"] for r in evals],
+            "val_bpd": [r["val_bpd"] for r in evals], "final_val_bpd": final,
+            "train_images_per_s": history[-1]["step"] * opts.batch_size / seconds}
 
 
 def compare_runs(records: dict, seed: int, steps: int) -> dict:
@@ -599,11 +577,11 @@ def compare_runs(records: dict, seed: int, steps: int) -> dict:
     def tail_mean(r):
         return statistics.fmean(r["train_bpd"][-tail:])
 
-    def val_gap(r, mode="fp32"):
-        return max(abs(a - b) for a, b in zip(r["val_bpd"][mode], base["val_bpd"]["fp32"]))
+    def val_gap(r):
+        return max(abs(a - b) for a, b in zip(r["val_bpd"], base["val_bpd"]))
 
     return {
-        "final_val_bpd": {name: {m: r["val_bpd"][m][-1] for m in r["val_bpd"]} for name, r in records.items()},
+        "final_val_bpd": {name: r["final_val_bpd"] for name, r in records.items()},
         "train_bpd_last_fifth": {name: tail_mean(r) for name, r in records.items()},
         "fast_minus_fp32_train_last_fifth": tail_mean(fast) - tail_mean(base),
         "seed_minus_seed_train_last_fifth": tail_mean(other) - tail_mean(base),
@@ -611,7 +589,7 @@ def compare_runs(records: dict, seed: int, steps: int) -> dict:
         "max_val_gap_other_seed_vs_fp32_run": val_gap(other),
         # The same weights evaluated both ways: what fast mode changes in a bpd, without training effects.
         "max_fast_eval_minus_fp32_eval_same_weights": max(
-            abs(a - b) for r in records.values() for a, b in zip(r["val_bpd"]["fast"], r["val_bpd"]["fp32"])),
+            abs(r["final_val_bpd"]["fast"] - r["final_val_bpd"]["fp32"]) for r in records.values()),
         "train_images_per_s": {name: r["train_images_per_s"] for name, r in records.items()},
     }
 
@@ -633,9 +611,9 @@ def plot_runs(records: dict, path: Path, title: str) -> None:
 
     base = smooth(records["fp32"]["train_bpd"])
     panels = [
-        ("train bpd (10-step mean); dots: val bpd (fp32 eval)", 40, 400,
+        ("train bpd (10-step mean); dots: val bpd (each run's precision)", 40, 400,
          {n: (r["step"], smooth(r["train_bpd"])) for n, r in records.items()},
-         {n: (r["eval_step"], r["val_bpd"]["fp32"]) for n, r in records.items()}),
+         {n: (r["eval_step"], r["val_bpd"]) for n, r in records.items()}),
         ("difference to the fp32 run: fast (red), fp32 with another seed (grey)", 440, 680,
          {n: (r["step"], [a - b for a, b in zip(smooth(r["train_bpd"]), base)]) for n, r in records.items()
           if n != "fp32"}, {}),

@@ -89,6 +89,9 @@ def test_curve_runs_on_a_tiny_config(tmp_path):
     # Same seed, data and noise: the first step's loss differs only by the ViTs' bf16 rounding.
     assert fp32["train_bpd"][0] != saved["runs"]["fp32 seed 1"]["train_bpd"][0]
     assert abs(fp32["train_bpd"][0] - fast["train_bpd"][0]) < 1e-2
+    # The same final weights evaluated both ways differ by bf16 rounding only.
+    assert abs(fp32["final_val_bpd"]["fp32"] - fp32["final_val_bpd"]["fast"]) < 1e-2
+    assert fp32["val_bpd"][-1] == fp32["final_val_bpd"]["fp32"]  # the Trainer's own evaluation
     assert (tmp_path / "curve" / "curve.png").stat().st_size > 1000
 
 
