@@ -10,9 +10,13 @@ from pathlib import Path
 import pytest
 import typer
 
+from jetcli import JetConfig, checkpoints
 from jetcli.testing import random_jet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_CLI_CONFIG = JetConfig(image_size=(16, 16), couplings=2, block_depth=1, width=16, heads=2)
+TINY_TRAIN = ["--preset", "tiny-16", "--couplings", "1", "--width", "16", "--heads", "2", "--batch-size", "4",
+              "--device", "cpu"]  # `jet train` options of a model that trains in moments
 
 # Kernel choices (jetcli.kernels) are cached per machine: tests keep theirs apart from the user's.
 os.environ.setdefault("JETCLI_CACHE_DIR", tempfile.mkdtemp(prefix="jetcli-kernels-"))
@@ -55,3 +59,18 @@ def shared_data() -> Path:
 def random_jet_fixture():
     """Factory: `random_jet(config=None, seed=0, strength=0.3)` -> a random non-identity Jet."""
     return random_jet
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A folder holding a saved random Jet of TINY_CLI_CONFIG (16x16 images), for the commands to load."""
+    folder = tmp_path_factory.mktemp("model")
+    checkpoints.save(random_jet(TINY_CLI_CONFIG, seed=2), folder)
+    return folder
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch) -> Path:
+    """The test's temporary folder, made the working directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -16,28 +16,12 @@ from PIL import Image
 from rich.text import Text
 from typer.testing import CliRunner
 
-from jetcli import JetConfig, checkpoints
+from jetcli import checkpoints
+from conftest import TINY_TRAIN
 from jetcli.cli import app
 from jetcli.cli.output import progress_bar
 from jetcli.images import grid
-from jetcli.testing import random_jet
 
-CONFIG = JetConfig(image_size=(16, 16), couplings=2, block_depth=1, width=16, heads=2)
-TINY_TRAIN = ["--preset", "tiny-16", "--couplings", "1", "--width", "16", "--heads", "2", "--batch-size", "4",
-              "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    checkpoints.save(random_jet(CONFIG, seed=2), folder)
-    return folder
-
-
-@pytest.fixture
-def here(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def jet(*args, input=None):

@@ -24,30 +24,14 @@ from PIL import Image
 from safetensors import SafetensorError
 from typer.testing import CliRunner
 
-from jetcli import JetConfig, checkpoints, latents
+from jetcli import checkpoints, latents
 from jetcli.checkpoints import own
+from conftest import TINY_TRAIN
 from jetcli.cli import app
 from jetcli.fileio import WriteError
-from jetcli.testing import random_jet
 
-CONFIG = JetConfig(image_size=(16, 16), couplings=2, block_depth=1, width=16, heads=2)
-TINY_TRAIN = ["--preset", "tiny-16", "--couplings", "1", "--width", "16", "--heads", "2", "--batch-size", "4",
-              "--device", "cpu"]
 FULL_DISK_SAFETENSORS = "Error while serializing: I/O error: No space left on device (os error 28)"  # as measured
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    checkpoints.save(random_jet(CONFIG, seed=4), folder)
-    return folder
-
-
-@pytest.fixture
-def here(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def jet(*args, input=None):
