@@ -116,3 +116,21 @@ def test_replicate_reports_orderings_against_the_seed_spread(tmp_path):
     assert verdicts[("4:1 (mixed)", "1:1 (mixed)")] == "holds (within the seed spread)"
     assert ("4:1 (mixed)", "4:1 (checkerboard)") not in verdicts  # a cell not run is not judged
     assert "not run" in replicate.markdown(result)
+
+
+def test_seam_ratio_tells_a_patch_grid_from_a_photo():
+    """benchmarks/photo_model.py's measure of the patch grid: about 1 on smooth content, well above 1 when
+    every 4x4 block carries its own offset (a mosaic with seams), whatever the texture inside."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("benchmarks_photo_model", REPO_ROOT / "benchmarks" / "photo_model.py")
+        photo_model = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(photo_model)
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    rng = np.random.default_rng(0)
+    ramp = np.add.outer(np.arange(32.0), np.arange(32.0))[None, :, :, None] * 2 + rng.normal(0, 3, (8, 32, 32, 3))
+    offsets = rng.normal(0, 30, (8, 8, 8, 3)).repeat(4, axis=1).repeat(4, axis=2)
+    assert 0.9 < photo_model.seam_ratio(ramp, 4) < 1.1
+    assert photo_model.seam_ratio(ramp + offsets, 4) > 3
+    assert photo_model.seam_ratio(ramp + offsets, 3) < 1.5  # a grid of other blocks is not this one
