@@ -58,6 +58,47 @@ def seam_ratio(images: np.ndarray, patch: int) -> float:
     return float(across.mean() / inside.mean())
 
 
+def measure_photos(files: list[Path], models: dict, samples: int, earlier: dict) -> tuple[list[dict], dict]:
+    """Per photo: each model's bits per subpixel, the codecs' and the photo's own seam ratio; and each
+    model's seconds. What `earlier` (a photo_model.json) holds for the same model and photo is reused."""
+    reusable = [n for n, m in earlier["models"].items() if n in models and m["sha256"] == models[n]["sha256"]
+                and earlier.get("samples") == samples]
+    before = {(r["set"], r["photo"]): r for r in earlier["per_photo"]}
+    rows, seconds = [], {name: earlier["models"][name]["seconds"] if name in reusable else 0.0 for name in models}
+    for f in track(files, description="photos"):
+        photo = read_rgb(f)
+        old = before.get((f.parent.name, f.name), {})
+        row = {"set": f.parent.name, "photo": f.name, "height": photo.shape[0], "width": photo.shape[1]}
+        for name, m in models.items():
+            if name in reusable and name in old:
+                row[name] = old[name]
+                continue
+            start = time.perf_counter()
+            row[name] = jet_bits_per_subpixel(m["model"], photo, samples)
+            seconds[name] += time.perf_counter() - start
+        if all(c in old for c in lossless_codecs.CODECS):
+            row.update({c: old[c] for c in lossless_codecs.CODECS})
+        else:
+            row.update(lossless_codecs.codec_bits_per_subpixel(photo))
+        row["seam_ratio_p4"] = seam_ratio(photo[None], 4)  # the same measure on the photo itself
+        rows.append(row)
+    return rows, seconds
+
+
+def markdown_table(summaries: dict, columns: list[str], models: dict) -> list[str]:
+    """The held-out table: a row per model and codec, mean ± sem per photo set."""
+    lines = ["| held-out photos, each coded whole (bits per subpixel) | " +
+             " | ".join(f"{s} ({summaries[s][columns[0]]['n']})" for s in ("all", *SETS)) + " |",
+             "|---|" + "---|" * (1 + len(SETS))]
+    labels = {"png": "optimised PNG", "webp": "lossless WebP (method 6)", "jxl-e7": "lossless JPEG-XL (effort 7)",
+              "jxl-e9": "lossless JPEG-XL (effort 9)"}
+    for c in columns:
+        label = f"**Jet `{c}`**" if c in models else labels[c]
+        lines.append(f"| {label} | " + " | ".join(
+            f"{summaries[s][c]['mean']:.3f} ± {summaries[s][c]['sem']:.3f}" for s in ("all", *SETS)) + " |")
+    return lines
+
+
 def summary(values) -> dict:
     v = np.asarray(values, dtype=np.float64)
     return {"mean": float(v.mean()), "sem": float(v.std(ddof=1) / np.sqrt(len(v))), "n": int(len(v))}
@@ -99,27 +140,7 @@ def main():
         return
     files = [f for s in SETS for f in sorted((args.data / s).glob("*.png"))]
     earlier = json.loads(args.reuse.read_text()) if args.reuse else {"per_photo": [], "models": {}}
-    reusable = [n for n, m in earlier["models"].items() if n in models and m["sha256"] == models[n]["sha256"]
-                and earlier.get("samples") == args.samples]
-    before = {(r["set"], r["photo"]): r for r in earlier["per_photo"]}
-    rows, seconds = [], {name: earlier["models"][name]["seconds"] if name in reusable else 0.0 for name in models}
-    for f in track(files, description="photos"):
-        photo = read_rgb(f)
-        old = before.get((f.parent.name, f.name), {})
-        row = {"set": f.parent.name, "photo": f.name, "height": photo.shape[0], "width": photo.shape[1]}
-        for name, m in models.items():
-            if name in reusable and name in old:
-                row[name] = old[name]
-                continue
-            start = time.perf_counter()
-            row[name] = jet_bits_per_subpixel(m["model"], photo, args.samples)
-            seconds[name] += time.perf_counter() - start
-        if all(c in old for c in lossless_codecs.CODECS):
-            row.update({c: old[c] for c in lossless_codecs.CODECS})
-        else:
-            row.update(lossless_codecs.codec_bits_per_subpixel(photo))
-        row["seam_ratio_p4"] = seam_ratio(photo[None], 4)  # the same measure on the photo itself
-        rows.append(row)
+    rows, seconds = measure_photos(files, models, args.samples, earlier)
     columns = [*models, *lossless_codecs.CODECS]
     summaries = {s: {c: summary([r[c] for r in rows if s in ("all", r["set"])]) for c in columns}
                  for s in ("all", *SETS)}
@@ -134,15 +155,7 @@ def main():
                   photo_seam_ratio_p4=summary([r["seam_ratio_p4"] for r in rows]), photos_won_against=wins, per_photo=rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "photo_model.json").write_text(json.dumps(result, indent=1))
-    lines = ["| held-out photos, each coded whole (bits per subpixel) | " +
-             " | ".join(f"{s} ({summaries[s][columns[0]]['n']})" for s in ("all", *SETS)) + " |",
-             "|---|" + "---|" * (1 + len(SETS))]
-    labels = {"png": "optimised PNG", "webp": "lossless WebP (method 6)", "jxl-e7": "lossless JPEG-XL (effort 7)",
-              "jxl-e9": "lossless JPEG-XL (effort 9)"}
-    for c in columns:
-        label = f"**Jet `{c}`**" if c in models else labels[c]
-        lines.append(f"| {label} | " + " | ".join(
-            f"{summaries[s][c]['mean']:.3f} ± {summaries[s][c]['sem']:.3f}" for s in ("all", *SETS)) + " |")
+    lines = markdown_table(summaries, columns, models)
     (args.out / "photo_model.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"patch-grid seam ratio, photos: {result['photo_seam_ratio_p4']['mean']:.3f}; samples at T = " +

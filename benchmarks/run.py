@@ -345,18 +345,7 @@ def speed(
     else:
         model = Jet(cfg).to(device)
         model.load_state_dict(loaded.state_dict())
-    contenders = [Contender(f"jetcli {m}", model, m, False, torch.optim.AdamW(model.parameters(), **ADAM))
-                  for m in mode_list]
-    if len(contenders) == 2:  # fp32 and fast train the same weights: one optimiser
-        contenders[1].optimizer = contenders[0].optimizer
-    note = None
-    if port:
-        try:
-            reference = port_of(model)
-            contenders.append(Contender("jet-pytorch", reference, "fp32", True,
-                                        torch.optim.AdamW(reference.parameters(), **ADAM)))
-        except ImportError as e:
-            note = f"jet-pytorch not timed: {e}"
+    contenders, note = make_contenders(model, mode_list, port)
     pixels = image_batch(cfg, batch, seed)
     agreement = check_agreement(contenders, pixels, device)
 
@@ -364,21 +353,7 @@ def speed(
     with Progress(console=err, transient=True, disable=as_json) as progress:
         bar = progress.add_task("timing", total=len(task_list) * (pairs + 1))
         for task in task_list:
-            runners = [c for c in contenders if not (task in LOSSLESS and c.precision == "fast")]
-            calls = [make_call(c, task, pixels, micro_batch, temperature, device) for c in runners]
-            for call in calls:  # warm-up: first-call allocations, kernel selection, optimiser state
-                call()
-            progress.advance(bar)
-            for _ in range(pairs):
-                for c, call in zip(runners, calls):
-                    wall, cpu = timed(call, device)
-                    c.seconds.setdefault(task, []).append(wall)
-                    c.cpu_seconds.setdefault(task, []).append(cpu)
-                progress.advance(bar)
-            for c, call in zip(runners, calls):
-                with PeakMemory(device) as memory:
-                    call()
-                c.peak_bytes[task] = memory.bytes
+            time_task(contenders, task, pixels, micro_batch, temperature, device, pairs, lambda: progress.advance(bar))
     rates_after = matmul_rates(cfg, batch, device, matmul_seconds)
     rates = {k: max(v, rates_after[k]) for k, v in rates.items()}
 
@@ -397,6 +372,44 @@ def speed(
         print(text)
     else:
         show(result)
+
+
+def make_contenders(model: Jet, mode_list: list[str], port: bool) -> tuple[list[Contender], str | None]:
+    """jetcli in each precision on `model`, and jet-pytorch on a copy of its weights when asked and
+    installed; the note says why jet-pytorch is missing, if it is."""
+    contenders = [Contender(f"jetcli {m}", model, m, False, torch.optim.AdamW(model.parameters(), **ADAM))
+                  for m in mode_list]
+    if len(contenders) == 2:  # fp32 and fast train the same weights: one optimiser
+        contenders[1].optimizer = contenders[0].optimizer
+    if not port:
+        return contenders, None
+    try:
+        reference = port_of(model)
+    except ImportError as e:
+        return contenders, f"jet-pytorch not timed: {e}"
+    contenders.append(Contender("jet-pytorch", reference, "fp32", True, torch.optim.AdamW(reference.parameters(), **ADAM)))
+    return contenders, None
+
+
+def time_task(contenders: list[Contender], task: str, pixels: torch.Tensor, micro_batch: int, temperature: float,
+              device: torch.device, pairs: int, advance) -> None:
+    """One warm-up call each, then `pairs` rounds in which the contenders take turns (each round gives
+    a ratio under the same machine conditions), then one call each under the peak-memory probe."""
+    runners = [c for c in contenders if not (task in LOSSLESS and c.precision == "fast")]
+    calls = [make_call(c, task, pixels, micro_batch, temperature, device) for c in runners]
+    for call in calls:  # warm-up: first-call allocations, kernel selection, optimiser state
+        call()
+    advance()
+    for _ in range(pairs):
+        for c, call in zip(runners, calls):
+            wall, cpu = timed(call, device)
+            c.seconds.setdefault(task, []).append(wall)
+            c.cpu_seconds.setdefault(task, []).append(cpu)
+        advance()
+    for c, call in zip(runners, calls):
+        with PeakMemory(device) as memory:
+            call()
+        c.peak_bytes[task] = memory.bytes
 
 
 def check_agreement(contenders: list[Contender], pixels: torch.Tensor, device: torch.device) -> dict:

@@ -29,7 +29,7 @@ CSV_FIELDS = ("path", "height", "width", "tiles", "padded_pixels", "bpd", "png_b
 
 @app.command()
 @user_errors
-def bpd(
+def bpd(  # long only by its options and help: the body is plan, score each, report
     paths: Annotated[list[str], typer.Argument(
         help="Image files, folders (searched recursively for images) or - for a list of paths on stdin, "
              "one per line.", show_default=False)],
