@@ -56,9 +56,9 @@ def folder_name(cell: str, seed: int) -> str:
     return "".join(c if c.isalnum() else "-" for c in cell).strip("-") + f"-seed{seed}"
 
 
-def command(cell: str, seed: int, steps: int, run: Path) -> list[str]:
+def command(cell: str, seed: int, steps: int, run: Path, data: Path = DATA) -> list[str]:
     kinds, patterns, _ = CELLS[cell]
-    return [sys.executable, "-m", "jetcli", "train", f"{DATA}:train_images", "--val", f"{DATA}:test_images",
+    return [sys.executable, "-m", "jetcli", "train", f"{data}:train_images", "--val", f"{data}:test_images",
             *MODEL, "--kinds", kinds, "--spatial-patterns", patterns, "--steps", str(steps),
             "--batch-size", "64", "--eval-every", str(steps), "--ckpt-every", str(max(steps // 5, 1)),
             "--precision", "fast", "--seed", str(seed), "--device", "cpu", "-o", str(run)]
@@ -73,7 +73,7 @@ def final_val_bpd(run: Path, steps: int) -> float | None:
     return done[-1]["val_bpd"] if done else None
 
 
-def train_all(jobs: list[tuple[str, int]], steps: int, work: Path, parallel: int) -> dict:
+def train_all(jobs: list[tuple[str, int]], steps: int, work: Path, parallel: int, data: Path = DATA) -> dict:
     """Runs every unfinished job (resuming a stopped one); returns {folder: CPU seconds} of this call."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     pending = [(c, s) for c, s in jobs if final_val_bpd(work / folder_name(c, s), steps) is None]
@@ -82,7 +82,7 @@ def train_all(jobs: list[tuple[str, int]], steps: int, work: Path, parallel: int
         while pending and len(running) < parallel:
             cell, seed = pending.pop(0)
             run = work / folder_name(cell, seed)
-            cmd = command(cell, seed, steps, run)
+            cmd = command(cell, seed, steps, run, data)
             if (run / "state.safetensors").is_file():
                 cmd = [sys.executable, "-m", "jetcli", "train", "--resume", "--device", "cpu", "-o", str(run)]
             core = sorted(set(range(parallel)) - set(running.values()))[0]
@@ -98,7 +98,7 @@ def train_all(jobs: list[tuple[str, int]], steps: int, work: Path, parallel: int
     return cpu
 
 
-def report(steps: int, seeds: list[int], work: Path) -> dict:
+def report(steps: int, seeds: list[int], work: Path, data: Path = DATA) -> dict:
     cells = {}
     for cell, (kinds, patterns, paper) in CELLS.items():
         values = [final_val_bpd(work / folder_name(cell, s), steps) for s in seeds]
@@ -117,7 +117,7 @@ def report(steps: int, seeds: list[int], work: Path) -> dict:
                                                           abs(gap) <= spread else "")
         orderings.append(dict(better=better, worse=worse, paper_gap=CELLS[worse][2] - CELLS[better][2],
                               gap=gap, verdict=verdict))
-    return dict(steps=steps, seeds=seeds, model=" ".join(MODEL), data=str(DATA), cells=cells,
+    return dict(steps=steps, seeds=seeds, model=" ".join(MODEL), data=str(data), cells=cells,
                 largest_seed_spread=spread, orderings=orderings)
 
 
@@ -143,13 +143,15 @@ def main():
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--only", default="", help="Comma-separated cell names (default: all).")
+    ap.add_argument("--data", type=Path, default=DATA, help="The CIFAR-10 .npz (train_images, test_images).")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     cells = [c for c in CELLS if not args.only or c in args.only.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    cpu = train_all([(c, s) for c in cells for s in seeds], args.steps, args.work, args.parallel)
-    result = report(args.steps, seeds, args.work)
+    data = args.data.resolve()
+    cpu = train_all([(c, s) for c in cells for s in seeds], args.steps, args.work, args.parallel, data)
+    result = report(args.steps, seeds, args.work, data)
     result.update(wall_s_this_call=time.time() - start, cpu_s_this_call=sum(cpu.values()),
                   command=" ".join(sys.argv))
     args.out.mkdir(parents=True, exist_ok=True)
