@@ -63,12 +63,12 @@ def measure_photos(files: list[Path], models: dict, samples: int, earlier: dict)
     model's seconds. What `earlier` (a photo_model.json) holds for the same model and photo is reused."""
     reusable = [n for n, m in earlier["models"].items() if n in models and m["sha256"] == models[n]["sha256"]
                 and earlier.get("samples") == samples]
-    before = {(r["set"], r["photo"]): r for r in earlier["per_photo"]}
+    before = {(r["set"], r["file"]): r for r in earlier["per_photo"] if "file" in r}
     rows, seconds = [], {name: earlier["models"][name]["seconds"] if name in reusable else 0.0 for name in models}
     for f in track(files, description="photos"):
         photo = read_rgb(f)
         old = before.get((f.parent.name, f.name), {})
-        row = {"set": f.parent.name, "photo": f.name, "height": photo.shape[0], "width": photo.shape[1]}
+        row = {"set": f.parent.name, "file": f.name, "height": photo.shape[0], "width": photo.shape[1]}
         for name, m in models.items():
             if name in reusable and name in old:
                 row[name] = old[name]
@@ -119,6 +119,8 @@ def main():
     models = {}
     for item in args.model:
         name, _, spec = item.partition("=")
+        if name in ("set", "file", "height", "width", "seam_ratio_p4", *lossless_codecs.CODECS):
+            ap.error(f"--model {item}: {name!r} names a column of the table already; choose another name")
         loaded = load_model(spec)
         models[name] = dict(model=loaded.model.eval(), sha256=loaded.sha256(), spec=spec,
                             config=loaded.model.config.to_dict(), params=loaded.model.num_params())
