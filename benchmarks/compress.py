@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lossless_codecs import CODECS, codec_bits_per_subpixel, jxl_version  # noqa: E402
+from run import machine  # noqa: E402
 
 from jetcli import compress as jc  # noqa: E402
 from jetcli.hub import load_model  # noqa: E402
@@ -45,7 +45,7 @@ from jetcli.scoring import score_image  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def measure(model, sha: str, path: Path, samples: int) -> dict:
+def measure(model, sha: str, path: Path, samples: int, codecs: dict | None = None) -> dict:
     pixels = read_rgb(path)
     subpixels = pixels.size
     megapixels = pixels.shape[0] * pixels.shape[1] / 1e6
@@ -64,7 +64,7 @@ def measure(model, sha: str, path: Path, samples: int) -> dict:
            "overhead_bits": result.payload_bits - steady, "header_bits": 8 * result.header_bytes,
            "encode_mp_s": megapixels / encode_s, "decode_mp_s": megapixels / decode_s,
            "encode_mp_cpu_s": megapixels / encode_cpu, "decode_mp_cpu_s": megapixels / decode_cpu}
-    row.update(codec_bits_per_subpixel(pixels))
+    row.update(codecs or codec_bits_per_subpixel(pixels))
     return row
 
 
@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=None, help="at most this many images per folder")
     parser.add_argument("--json", type=Path, default=None, help="write every row and the summary here")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--codecs", type=Path, default=None,
+                        help="a photo_model.json of the same photos: take the codecs' sizes from it (by folder "
+                             "and file name) instead of coding every photo again (JPEG-XL effort 9 is slow)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,14 +118,18 @@ def main(argv: list[str] | None = None) -> dict:
     results, rows_by_set = {}, {}
     out = {"model": loaded.name, "sha256": sha, "quantization": dataclasses.asdict(jc.DEFAULT_QUANTIZATION),
            "samples": args.samples, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "cpu": platform.processor() or platform.machine(), "cjxl": jxl_version(), "summary": results,
+           "cpu": machine(torch.device("cpu")), "cjxl": jxl_version(), "summary": results,
            "rows": rows_by_set}
+    known = {}
+    if args.codecs:
+        known = {(r["set"], r["file"]): {c: r[c] for c in CODECS} for r in json.loads(args.codecs.read_text())["per_photo"]}
+        out["codecs_from"] = str(args.codecs)
     for folder in args.folders:
         paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         paths = paths[args.start:][:args.limit]
         rows = rows_by_set[folder.name] = []
         for path in paths:
-            row = measure(model, sha, path, args.samples)
+            row = measure(model, sha, path, args.samples, known.get((folder.name, path.name)))
             rows.append(row)
             results[folder.name] = summary(rows)
             print(f"{folder.name}/{row['image']}: bpd {row['bpd']:.4f} jet {row['jet']:.4f} "
