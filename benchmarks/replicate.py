@@ -9,12 +9,12 @@ validated on the 1,017 held-out test images. Only the couplings' kinds and spati
 
     all-spatial (mixed)   every coupling spatial, the six patterns cycled
     1:1 (mixed)           channel, spatial, ...
-    4:1 (mixed)           four channel couplings per spatial one (the paper's default)
+    4:1 (mixed)           four channel couplings per spatial one (the paper's default), patterns interleaved
     4:1 (checkerboard)    the same, every spatial coupling checkerboard / checkerboard-inv
     all-channel           every coupling channel-wise
 
-Two seeds per cell (init, data order and noise all follow the seed). Runs go `--parallel` at a time, one
-thread each, pinned to their own core; a folder that already holds a finished run is scored, not
+Two seeds per cell (init, data order and noise all follow the seed). Runs go one per core of `--cores`,
+one thread each, pinned to it; a folder that already holds a finished run is scored, not
 retrained, so the study resumes after a stop. Writes replicate.json and replicate.md (the table beside
 the paper's numbers, the seed spread, and each of the paper's orderings checked).
 """
@@ -33,10 +33,14 @@ import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_lossless_subset.npz"
 SPATIAL = "checkerboard,checkerboard-inv,vstripes,vstripes-inv,hstripes,hstripes-inv"
+# The same six with a new kind in each successive spatial coupling: a 4:1 model of 10 couplings has two
+# spatial couplings, and SPATIAL's first two (checkerboard, checkerboard-inv) would make it the
+# checkerboard-only cell exactly.
+INTERLEAVED = "checkerboard,vstripes,hstripes,checkerboard-inv,vstripes-inv,hstripes-inv"
 CELLS = {  # name: (kinds, spatial patterns, the paper's ImageNet 64x64 bpd from table e)
     "all-spatial (mixed)": ("spatial", SPATIAL, 3.787),
     "1:1 (mixed)": ("channels,spatial", SPATIAL, 3.737),
-    "4:1 (mixed)": ("channels,channels,channels,channels,spatial", SPATIAL, 3.719),
+    "4:1 (mixed)": ("channels,channels,channels,channels,spatial", INTERLEAVED, 3.719),
     "4:1 (checkerboard)": ("channels,channels,channels,channels,spatial", "checkerboard,checkerboard-inv", 3.724),
     "all-channel": ("channels", SPATIAL, 3.742),
 }
@@ -73,19 +77,19 @@ def final_val_bpd(run: Path, steps: int) -> float | None:
     return done[-1]["val_bpd"] if done else None
 
 
-def train_all(jobs: list[tuple[str, int]], steps: int, work: Path, parallel: int, data: Path = DATA) -> dict:
+def train_all(jobs: list[tuple[str, int]], steps: int, work: Path, cores: list[int], data: Path = DATA) -> dict:
     """Runs every unfinished job (resuming a stopped one); returns {folder: CPU seconds} of this call."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     pending = [(c, s) for c, s in jobs if final_val_bpd(work / folder_name(c, s), steps) is None]
     running, cpu = {}, {}
     while pending or running:
-        while pending and len(running) < parallel:
+        while pending and len(running) < len(cores):
             cell, seed = pending.pop(0)
             run = work / folder_name(cell, seed)
             cmd = command(cell, seed, steps, run, data)
             if (run / "state.safetensors").is_file():
                 cmd = [sys.executable, "-m", "jetcli", "train", "--resume", "--device", "cpu", "-o", str(run)]
-            core = sorted(set(range(parallel)) - set(running.values()))[0]
+            core = sorted(set(cores) - set(running.values()))[0]
             log = open(work / f"{run.name}.log", "a")
             proc = subprocess.Popen(["taskset", "-c", str(core % os.cpu_count()), *cmd], env=env, stdout=log,
                                     stderr=subprocess.STDOUT)
@@ -141,7 +145,7 @@ def main():
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "replicate")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--cores", default="0,1", help="Cores to run on, one run per core at a time.")
     ap.add_argument("--only", default="", help="Comma-separated cell names (default: all).")
     ap.add_argument("--data", type=Path, default=DATA, help="The CIFAR-10 .npz (train_images, test_images).")
     args = ap.parse_args()
@@ -150,7 +154,7 @@ def main():
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.time()
     data = args.data.resolve()
-    cpu = train_all([(c, s) for c in cells for s in seeds], args.steps, args.work, args.parallel, data)
+    cpu = train_all([(c, s) for c in cells for s in seeds], args.steps, args.work, [int(c) for c in args.cores.split(",")], data)
     result = report(args.steps, seeds, args.work, data)
     result.update(wall_s_this_call=time.time() - start, cpu_s_this_call=sum(cpu.values()),
                   command=" ".join(sys.argv))
