@@ -10,26 +10,22 @@ Codecs get each image as its own file (as `jet bpd` reports png_bpd), so the com
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from lossless_codecs import png_bits, webp_bits  # benchmarks/, beside this script
 from jetcli import checkpoints
-from jetcli.images import grid, save_png
+from jetcli.images import grid, read_rgb, save_png, tiles
 from jetcli.likelihood import image_bits
 from jetcli.sampling import sample
 
 
 def codec_bpd(image: np.ndarray, fmt: str) -> float:
-    buf = io.BytesIO()
-    options = {"PNG": dict(optimize=True), "WEBP": dict(lossless=True, quality=100, method=6)}[fmt]
-    Image.fromarray(image).save(buf, format=fmt, **options)
-    return len(buf.getvalue()) * 8 / image.size
+    return {"PNG": png_bits, "WEBP": webp_bits}[fmt](image) / image.size
 
 
 def model_bpd(model, images: np.ndarray, samples: int, batch: int = 256) -> np.ndarray:
@@ -47,13 +43,8 @@ def summary(values) -> dict:
 
 
 def photo_tiles(folder: Path, size: int) -> np.ndarray:
-    tiles = []
-    for f in sorted(folder.glob("*.png")):
-        im = np.asarray(Image.open(f).convert("RGB"))
-        h, w = (im.shape[0] // size) * size, (im.shape[1] // size) * size
-        t = im[:h, :w].reshape(h // size, size, w // size, size, 3).transpose(0, 2, 1, 3, 4)
-        tiles.append(t.reshape(-1, size, size, 3))
-    return np.concatenate(tiles)
+    """Every whole size×size tile of every photo in `folder` (the strips that do not fill one dropped)."""
+    return np.concatenate([tiles(read_rgb(f), (size, size)) for f in sorted(folder.glob("*.png"))])
 
 
 def main():
@@ -78,12 +69,12 @@ def main():
         "webp_lossless_bpd": summary([codec_bpd(x, "WEBP") for x in test]),
         "jet_seconds": time.perf_counter() - t0,
     }
-    tiles = photo_tiles(data / "cbsd68", size)
+    photo_crops = photo_tiles(data / "cbsd68", size)
     report["cbsd68_tiles"] = {
-        "tiles": len(tiles), "tile": size,
-        "jet_bpd": summary(model_bpd(model, tiles, 1)),
-        "png_bpd": summary([codec_bpd(x, "PNG") for x in tiles]),
-        "webp_lossless_bpd": summary([codec_bpd(x, "WEBP") for x in tiles]),
+        "tiles": len(photo_crops), "tile": size,
+        "jet_bpd": summary(model_bpd(model, photo_crops, 1)),
+        "png_bpd": summary([codec_bpd(x, "PNG") for x in photo_crops]),
+        "webp_lossless_bpd": summary([codec_bpd(x, "WEBP") for x in photo_crops]),
     }
     for temp in (0.7, 0.9, 1.0):
         t0 = time.perf_counter()
