@@ -2,6 +2,7 @@
 
     python benchmarks/compress.py                                  # cbsd68 + mcmaster, default model
     python benchmarks/compress.py --limit 3 --json out.json        # a quick look
+    python benchmarks/compress.py --merge a.json b.json --json all.json   # runs of parts, as one table
 
 For every image (read as 8-bit RGB, any size):
 
@@ -108,7 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--codecs", type=Path, default=None,
                         help="a photo_model.json of the same photos: take the codecs' sizes from it (by folder "
                              "and file name) instead of coding every photo again (JPEG-XL effort 9 is slow)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="measure nothing: join the rows of these --json files (parts of the photos, run as "
+                             "separate processes with the same model) into one summary and table")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -140,6 +146,27 @@ def main(argv: list[str] | None = None) -> dict:
             if args.json:  # after every image: a long run stopped early keeps what it measured
                 args.json.write_text(json.dumps(out, indent=2))
     print(table(results))
+    return out
+
+
+def merge(parts: list[Path], path: Path | None) -> dict:
+    """One result from the --json files of runs over parts of the photos: rows joined per folder (in
+    the order given), summaries per folder and over all rows."""
+    runs = [json.loads(p.read_text()) for p in parts]
+    if len({r["sha256"] for r in runs}) != 1 or len({json.dumps(r["quantization"]) for r in runs}) != 1:
+        raise SystemExit("--merge: the runs used different models or quantizations")
+    rows: dict[str, list] = {}
+    for run in runs:
+        for name, part in run["rows"].items():
+            rows.setdefault(name, []).extend(part)
+    out = {k: v for k, v in runs[0].items() if k not in ("rows", "summary", "load_average_before_now")}
+    out.update(merged_from=[str(p) for p in parts],
+               load_averages=[r.get("load_average_before_now") for r in runs],
+               summary={**{name: summary(r) for name, r in rows.items()}, "all": summary(sum(rows.values(), []))},
+               rows=rows)
+    if path:
+        path.write_text(json.dumps(out, indent=2))
+    print(table(out["summary"]))
     return out
 
 

@@ -30,6 +30,19 @@ def load_script():
     return module
 
 
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (its folder on sys.path while it loads, for its sibling imports)."""
+    folder = str(REPO_ROOT / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
 def run_script(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
@@ -97,9 +110,7 @@ def test_curve_runs_on_a_tiny_config(tmp_path):
 
 def test_replicate_reports_orderings_against_the_seed_spread(tmp_path):
     """benchmarks/replicate.py's verdicts: an ordering holds, is reversed, or lies within the seed spread."""
-    spec = importlib.util.spec_from_file_location("benchmarks_replicate", REPO_ROOT / "benchmarks" / "replicate.py")
-    replicate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(replicate)
+    replicate = load_benchmark("replicate")
     results = {"4:1 (mixed)": (4.00, 4.02), "all-spatial (mixed)": (4.30, 4.31), "1:1 (mixed)": (4.02, 4.03),
                "all-channel": (3.99, 3.98)}
     for cell, values in results.items():
@@ -121,16 +132,30 @@ def test_replicate_reports_orderings_against_the_seed_spread(tmp_path):
 def test_seam_ratio_tells_a_patch_grid_from_a_photo():
     """benchmarks/photo_model.py's measure of the patch grid: about 1 on smooth content, well above 1 when
     every 4x4 block carries its own offset (a mosaic with seams), whatever the texture inside."""
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("benchmarks_photo_model", REPO_ROOT / "benchmarks" / "photo_model.py")
-        photo_model = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(photo_model)
-    finally:
-        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    photo_model = load_benchmark("photo_model")
     rng = np.random.default_rng(0)
     ramp = np.add.outer(np.arange(32.0), np.arange(32.0))[None, :, :, None] * 2 + rng.normal(0, 3, (8, 32, 32, 3))
     offsets = rng.normal(0, 30, (8, 8, 8, 3)).repeat(4, axis=1).repeat(4, axis=2)
     assert 0.9 < photo_model.seam_ratio(ramp, 4) < 1.1
     assert photo_model.seam_ratio(ramp + offsets, 4) > 3
     assert photo_model.seam_ratio(ramp + offsets, 3) < 1.5  # a grid of other blocks is not this one
+
+
+def test_compress_merge_joins_parts_into_one_table(tmp_path):
+    """benchmarks/compress.py --merge: rows of runs over parts of the photos, summarised as one run."""
+    compress = load_benchmark("compress")
+    keys = ("bpd", "jet", "payload", "steady", "overhead_bits", "header_bits", "encode_mp_s", "decode_mp_s",
+            "encode_mp_cpu_s", "decode_mp_cpu_s", "png", "webp", "jxl-e7", "jxl-e9")
+    parts = []
+    for i, (folder, jet) in enumerate((("a", 3.0), ("a", 3.3), ("b", 4.0))):
+        row = {**dict.fromkeys(keys, 1.0), "image": f"{i}.png", "exact": True, "bpd": 3.0, "jet": jet}
+        parts.append(tmp_path / f"{i}.json")
+        parts[-1].write_text(json.dumps({"model": "m", "sha256": "s", "quantization": {"noise_bits": 5},
+                                         "rows": {folder: [row]}, "summary": {}}))
+    out = compress.merge(parts, tmp_path / "all.json")
+    assert [len(out["rows"][f]) for f in ("a", "b")] == [2, 1]
+    assert out["summary"]["a"]["jet_over_bpd"] == pytest.approx(1.05) and out["summary"]["all"]["images"] == 3
+    assert json.loads((tmp_path / "all.json").read_text())["summary"] == out["summary"]
+    parts[2].write_text(parts[2].read_text().replace('"sha256": "s"', '"sha256": "other"'))
+    with pytest.raises(SystemExit, match="different models"):
+        compress.merge(parts, None)
