@@ -154,7 +154,8 @@ def main():
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.time()
     data = args.data.resolve()
-    cpu = train_all([(c, s) for c in cells for s in seeds], args.steps, args.work, [int(c) for c in args.cores.split(",")], data)
+    cores = [int(c) for c in args.cores.split(",")]
+    cpu = train_all([(c, s) for c in cells for s in seeds], args.steps, args.work, cores, data)
     result = report(args.steps, seeds, args.work, data)
     result.update(wall_s_this_call=time.time() - start, cpu_s_this_call=sum(cpu.values()),
                   command=" ".join(sys.argv))

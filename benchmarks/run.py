@@ -25,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -567,11 +567,7 @@ def trainer_run(trainer: Trainer, progress) -> dict:
     run's own precision, and the final weights evaluated in float32 and in fast mode."""
     history = trainer.run(progress)
     opts = trainer.opts
-    final = {}
-    for mode in ("fp32", "fast"):
-        trainer.opts = replace(opts, precision=mode)
-        final[mode] = trainer.evaluate()
-    trainer.opts = opts
+    final = {mode: trainer.evaluate(mode) for mode in ("fp32", "fast")}
     timed = [r for r in history if "img_per_s" in r]  # one per report, over the steps since the last one
     seconds = sum((r["step"] - prev["step"]) * opts.batch_size / r["img_per_s"]
                   for prev, r in zip([{"step": 0}] + timed, timed))

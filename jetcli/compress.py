@@ -60,7 +60,7 @@ fingerprint differs, before decoding anything. After decoding, the stack must be
 pixels must match the header's digest, so a difference the probe missed is a refusal too, never wrong
 pixels; `compress` decompresses every file before returning it.
 
-File layout, format version 1 (little-endian): the header, then the ANS words (constriction's AnsCoder,
+File layout, format version 2 (little-endian): the header, then the ANS words (constriction's AnsCoder,
 32-bit words). The coding order travels in the words; its rules (direct coder, chunking, symbols) are
 part of the format.
 
@@ -88,7 +88,7 @@ from jetcli.images import MAX_PIXELS, pad_to_tiles, tiles
 from jetcli.model import Jet, patchify, unpatchify
 
 MAGIC = b"JETZ"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the coding order chosen by the stack and sent in-band (1: fixed groups)
 SUFFIX = ".jetz"
 HEADER = struct.Struct("<4sBBBB32s16s16sIIHHII")
 HEADER_SIZE = HEADER.size  # 92 bytes
@@ -279,8 +279,9 @@ def read_header(data: bytes) -> Header:
     if version > FORMAT_VERSION:
         raise CompressError(f"written in format version {version} by a newer jetcli; this one reads version "
                             f"{FORMAT_VERSION}: upgrade jetcli")
-    if version < 1:
-        raise CompressError(f"unknown format version {version}")
+    if version < FORMAT_VERSION:
+        raise CompressError(f"written in format version {version} by an older jetcli; this one reads version "
+                            f"{FORMAT_VERSION} only: decompress it with the jetcli that wrote it")
     if len(data) < HEADER_SIZE:
         raise CompressError(f"truncated: {len(data)} bytes, the header alone is {HEADER_SIZE}")
     (_, _, noise, refine, coarse, sha, fp, digest, height, width, th, tw, payload,
@@ -344,7 +345,7 @@ class _Stack:
         return self.coder.decode(_Uniform(1 << bits), count).astype(np.int64)
 
     def push_uniform(self, values: np.ndarray, bits: int) -> None:
-        self.coder.encode_reverse(values.astype(np.int32), _Uniform(1 << bits))
+        self.push_uniform_of(values, 1 << bits)
 
     def push_uniform_of(self, values: np.ndarray, size: int) -> None:
         self.coder.encode_reverse(values.astype(np.int32), _Uniform(size))
@@ -393,9 +394,10 @@ class _Coder:
             scale, bias = self._affine(coupling, x1)
             x2 = x2.numpy().reshape(len(pixels), -1)
             z2 = np.empty_like(x2)
+            width = chunk or x2.shape[1]
             for t in range(len(pixels)):
-                for c in range(0, x2.shape[1], chunk or x2.shape[1]):
-                    part = slice(c, c + (chunk or x2.shape[1]))
+                for c in range(0, x2.shape[1], width):
+                    part = slice(c, c + width)
                     z2[t, part] = self._forward(stack, x2[t, part], scale[t, part], bias[t, part])
             x = coupling.split.merge(x1, torch.from_numpy(z2).view(x1.shape))
         z = unpatchify(x, self.patch, self.tile).numpy().reshape(len(pixels), -1)
@@ -462,9 +464,10 @@ class _Coder:
             if (high - low < 2).any() or (high - low > UNIFORM_MAX).any():
                 raise _Undecodable("a latent cell outside the coupling's image")
             x2 = np.empty_like(z2)
+            width = chunk or x2.shape[1]
             for t in reversed(range(count)):
-                for c in reversed(range(0, x2.shape[1], chunk or x2.shape[1])):
-                    part = slice(c, c + (chunk or x2.shape[1]))
+                for c in reversed(range(0, x2.shape[1], width)):
+                    part = slice(c, c + width)
                     fine = low[t, part] + stack.pop_sized(high[t, part] - low[t, part])
                     stack.push_uniform(fine & (self.p.refine - 1), self.p.refine_bits)
                     x2[t, part] = fine >> self.p.refine_bits

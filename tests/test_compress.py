@@ -191,8 +191,16 @@ def test_header_from_the_future_is_refused(model, packed):
     data = bytearray(packed[0].data)
     data[4] = C.FORMAT_VERSION + 1
     for candidate in (bytes(data), with_crc(bytes(data))):
-        with pytest.raises(C.CompressError, match="format version 2 by a newer jetcli"):
+        with pytest.raises(C.CompressError, match=f"format version {C.FORMAT_VERSION + 1} by a newer jetcli"):
             C.decompress(model, candidate, SHA)
+
+
+def test_header_of_an_older_format_is_refused(model, packed):
+    """Format 1 coded the tiles in fixed groups: its words mean something else to this decoder."""
+    data = bytearray(packed[0].data)
+    data[4] = C.FORMAT_VERSION - 1
+    with pytest.raises(C.CompressError, match="format version 1 by an older jetcli"):
+        C.decompress(model, with_crc(bytes(data)), SHA)
 
 
 def test_absurd_header_fields_are_refused(model, packed):

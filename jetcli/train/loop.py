@@ -146,9 +146,10 @@ class Trainer:
         return records, values[-1][-1] > 0
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean val bpd. Each image has fixed noise (and crop), so evaluations are comparable over steps,
-        runs and process counts; the processes split the images and sum their totals."""
+    def evaluate(self, precision: str | None = None) -> float:
+        """Mean val bpd, in `precision` (default: the run's). Each image has fixed noise (and crop), so
+        evaluations are comparable over steps, runs and process counts; the processes split the images
+        and sum their totals."""
         self.model.eval()
         mine = torch.arange(self.processes.rank, len(self.val_set), self.processes.world)
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)
@@ -157,7 +158,7 @@ class Trainer:
         for indices in mine.tensor_split(batches):
             for draw in range(self.opts.val_samples):
                 x = self.val_stream.batch(indices, draw).to(self.device)
-                with compute_context(self.device, self.opts.precision):
+                with compute_context(self.device, precision or self.opts.precision):
                     z, logdet = self.model(x)
                 totals[0] += bits_per_dim(z.float(), logdet.float()).bpd.double().sum()
                 totals[1] += len(indices)
