@@ -72,8 +72,9 @@ def decompress(
     """Decompress files written by `jet compress` back to the exact pixels, as PNG.
 
     Refused with exit status 2, never decoded to a different image: a file of another model, one written
-    by a newer jetcli (or in the older format 1), a truncated or damaged file (it carries a checksum), and a file made on a machine
-    that computes the model differently from this one (its numerics fingerprint differs).
+    by a newer jetcli (or in the older format 1), a truncated or damaged file (it carries a checksum),
+    and a file made on a machine that computes the model differently from this one (its numerics
+    fingerprint differs).
 
     **Examples**
 
