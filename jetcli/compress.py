@@ -279,6 +279,8 @@ def read_header(data: bytes) -> Header:
     if version > FORMAT_VERSION:
         raise CompressError(f"written in format version {version} by a newer jetcli; this one reads version "
                             f"{FORMAT_VERSION}: upgrade jetcli")
+    if version < 1:
+        raise CompressError(f"unknown format version {version}")
     if version < FORMAT_VERSION:
         raise CompressError(f"written in format version {version} by an older jetcli; this one reads version "
                             f"{FORMAT_VERSION} only: decompress it with the jetcli that wrote it")
