@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lossless_codecs import png_bits, webp_bits  # benchmarks/, beside this script
+from stats import summary
 from jetcli import checkpoints
 from jetcli.images import grid, read_rgb, save_png, tiles
 from jetcli.likelihood import image_bits
@@ -35,11 +36,6 @@ def model_bpd(model, images: np.ndarray, samples: int, batch: int = 256) -> np.n
         for i in range(0, len(images), batch):
             out.append(image_bits(model, torch.from_numpy(images[i:i + batch]), samples, generator).bpd.numpy())
     return np.concatenate(out)
-
-
-def summary(values) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "sem": float(v.std(ddof=1) / np.sqrt(len(v))), "n": int(len(v))}
 
 
 def photo_tiles(folder: Path, size: int) -> np.ndarray:

@@ -26,6 +26,7 @@ from rich.progress import track
 
 import lossless_codecs
 from run import machine
+from stats import summary
 from jetcli.hub import load_model
 from jetcli.images import grid, pad_to_tiles, read_rgb, save_png, tiles
 from jetcli.likelihood import image_bits
@@ -97,11 +98,6 @@ def markdown_table(summaries: dict, columns: list[str], models: dict) -> list[st
         lines.append(f"| {label} | " + " | ".join(
             f"{summaries[s][c]['mean']:.3f} ± {summaries[s][c]['sem']:.3f}" for s in ("all", *SETS)) + " |")
     return lines
-
-
-def summary(values) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "sem": float(v.std(ddof=1) / np.sqrt(len(v))), "n": int(len(v))}
 
 
 def main():

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 
 from jetcli import checkpoints
 from run import machine
+from stats import summary
 from jetcli.config import JetConfig, preset
 from jetcli.images import IMAGE_SUFFIXES, read_rgb, tiles
 from jetcli.likelihood import bits_per_dim, dequantize
@@ -160,8 +160,8 @@ def main():
     for name in names:
         model = checkpoints.load(args.work / name)
         per_photo = whole_photo_bits(model.eval(), photos)
-        plans[name].update(val_photos=len(photos), val_bits_per_subpixel=float(np.mean(per_photo)),
-                           val_sem=float(np.std(per_photo, ddof=1) / np.sqrt(len(per_photo))),
+        val = summary(per_photo)
+        plans[name].update(val_photos=len(photos), val_bits_per_subpixel=val["mean"], val_sem=val["sem"],
                            per_photo=per_photo)
     args.out.mkdir(parents=True, exist_ok=True)
     result = dict(machine=machine(torch.device("cpu")), torch=torch.__version__, cpu_minutes_budget=args.cpu_minutes,
