@@ -59,6 +59,10 @@ def seam_ratio(images: np.ndarray, patch: int) -> float:
     return float(across.mean() / inside.mean())
 
 
+def patch_sizes(models: dict) -> list[int]:
+    return sorted({4, *(m["model"].config.patch_size for m in models.values())})
+
+
 def measure_photos(files: list[Path], models: dict, samples: int, earlier: dict) -> tuple[list[dict], dict]:
     """Per photo: each model's bits per subpixel, the codecs' and the photo's own seam ratio; and each
     model's seconds. What `earlier` (a photo_model.json) holds for the same model and photo is reused."""
@@ -81,7 +85,8 @@ def measure_photos(files: list[Path], models: dict, samples: int, earlier: dict)
             row.update({c: old[c] for c in lossless_codecs.CODECS})
         else:
             row.update(lossless_codecs.codec_bits_per_subpixel(photo))
-        row["seam_ratio_p4"] = seam_ratio(photo[None], 4)  # the same measure on the photo itself
+        for patch in patch_sizes(models):  # the same measure on the photo itself, at each model's grid
+            row[f"seam_ratio_p{patch}"] = seam_ratio(photo[None], patch)
         rows.append(row)
     return rows, seconds
 
@@ -115,7 +120,7 @@ def main():
     models = {}
     for item in args.model:
         name, _, spec = item.partition("=")
-        if name in ("set", "file", "height", "width", "seam_ratio_p4", *lossless_codecs.CODECS):
+        if name in ("set", "file", "height", "width", *lossless_codecs.CODECS) or name.startswith("seam_ratio_p"):
             ap.error(f"--model {item}: {name!r} names a column of the table already; choose another name")
         loaded = load_model(spec)
         models[name] = dict(model=loaded.model.eval(), sha256=loaded.sha256(), spec=spec,
@@ -150,13 +155,15 @@ def main():
                   models={n: {k: v for k, v in m.items() if k != "model"} | {"seconds": seconds[n]}
                           for n, m in models.items()},
                   samples=args.samples, summaries=summaries,
-                  photo_seam_ratio_p4=summary([r["seam_ratio_p4"] for r in rows]), photos_won_against=wins, per_photo=rows)
+                  **{f"photo_seam_ratio_p{p}": summary([r[f"seam_ratio_p{p}"] for r in rows]) for p in patch_sizes(models)},
+                  photos_won_against=wins, per_photo=rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "photo_model.json").write_text(json.dumps(result, indent=1))
     lines = markdown_table(summaries, columns, models)
     (args.out / "photo_model.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"patch-grid seam ratio, photos: {result['photo_seam_ratio_p4']['mean']:.3f}; samples at T = " +
+    photos = ", ".join(f"{result[f'photo_seam_ratio_p{p}']['mean']:.3f} (patch {p})" for p in patch_sizes(models))
+    print(f"patch-grid seam ratio, photos: {photos}; samples at T = " +
           "/".join(map(str, TEMPERATURES)) + ": " + ", ".join(
               f"{n} " + "/".join(f"{m[f'sample_seam_ratio_t{t}']:.3f}" for t in TEMPERATURES) for n, m in models.items()))
     for name in models:
