@@ -44,7 +44,9 @@ def channel_permutation(dim: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def spatial_order(kind: str, nh: int, nw: int) -> torch.Tensor:
-    """Token order whose first half is kept (x1) and second half transformed (x2)."""
+    """Token order whose first half is kept (x1) and second half transformed (x2). Pairing puts the k-th
+    of each half in one ViT token: in raster order the neighbours 2j and 2j+1 of a row (or column);
+    "-shift" pairs the kept token with its other neighbour instead, so 2j-1 and 2j."""
     n = nh * nw
     idx = torch.arange(n, device="cpu")
     row = idx // nw
@@ -56,9 +58,13 @@ def spatial_order(kind: str, nh: int, nw: int) -> torch.Tensor:
         first = row % 2 == 0
     else:
         raise ValueError(f"unknown spatial coupling {kind!r}")
-    if kind.endswith("-inv"):
+    if kind.removesuffix("-shift").endswith("-inv"):
         first = ~first
-    return torch.cat([idx[first], idx[~first]])
+    kept, changed = idx[first], idx[~first]
+    if kind.endswith("-shift"):  # pair each kept token with its neighbour on the other side, mod the grid
+        rows, cols = 2 * (kept // nw) - changed // nw, 2 * (kept % nw) - changed % nw
+        changed = (rows % nh) * nw + cols % nw
+    return torch.cat([kept, changed])
 
 
 class Split(nn.Module):
