@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from jetcli import Jet, JetConfig
 from jetcli import checkpoints as ck
 from jetcli.checkpoints import CheckpointError
-from jetcli.config import SPATIAL_PROJS
+from jetcli.config import SHIFTED_PROJS, SPATIAL_PROJS
 from jetcli.model import unpatchify
 
 # 8 heads: the jet-pytorch default, so its files load without overrides.
@@ -61,6 +61,18 @@ def test_jet_pytorch_round_trip(tmp_path, random_jet):
     loaded = ck.load(path)
     assert loaded.config == model.config
     assert_same_model(model, loaded, images(PORT))
+
+
+def test_shifted_patterns_survive_big_vision_and_jet_pytorch_layouts(tmp_path, random_jet):
+    """Both layouts store a spatial split as its permutation matrix, which the name is read back from
+    (jet-pytorch's stores weights only: kinds, heads and numerics are passed)."""
+    config = FLAX.replace(spatial_projs=SHIFTED_PROJS)
+    model = random_jet(config)
+    for path, overrides in ((ck.save_big_vision(model, tmp_path / "params.npz"), {}),
+                            (ck.save_jet_pytorch(model, tmp_path / "port.safetensors"), {k: getattr(config, k) for k in ("kinds", "heads", "ln_eps", "gelu")})):
+        loaded = ck.load(path, **overrides)
+        assert [p for k, p in loaded.config.plan() if k == "spatial"] == [p for k, p in config.plan() if k == "spatial"]
+        assert_same_model(model, loaded, images(config))
 
 
 def test_big_vision_round_trip(tmp_path, random_jet):

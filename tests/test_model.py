@@ -9,12 +9,12 @@ import torch
 
 from jetcli import Jet, JetConfig, preset
 from jetcli.checkpoints import matrix_from_order
-from jetcli.config import PRESETS, SPATIAL_PROJS
-from jetcli.model import patchify
+from jetcli.config import PRESETS, SHIFTED_PROJS, SPATIAL_PROJS
+from jetcli.model import patchify, spatial_order
 from jetcli.testing import port_forward, port_of
 
 TINY = JetConfig(image_size=(16, 16), patch_size=4, couplings=4, block_depth=1, width=32, heads=2)
-ALL_SPLITS = [("channels", "random")] + [("spatial", proj) for proj in SPATIAL_PROJS]
+ALL_SPLITS = [("channels", "random")] + [("spatial", proj) for proj in SPATIAL_PROJS + SHIFTED_PROJS]
 
 
 def images(config: JetConfig, batch: int = 4, seed: int = 1) -> torch.Tensor:
@@ -64,6 +64,36 @@ def test_identity_at_init():
 
 
 # --------------------------------------------------------------------------- exact splits
+def pairs(pattern: str, nh: int, nw: int) -> set[frozenset]:
+    """The token pairs a spatial coupling puts in one ViT token: the k-th kept with the k-th changed."""
+    order = spatial_order(pattern, nh, nw).tolist()
+    return {frozenset(p) for p in zip(order[: len(order) // 2], order[len(order) // 2:])}
+
+
+@pytest.mark.parametrize("nh,nw", [(8, 8), (4, 6)])
+def test_shifted_patterns_pair_the_other_neighbours(nh, nw):
+    """The paper's pairing couples each token with one fixed neighbour (columns 2j and 2j+1, or rows); its
+    "-shift" keeps the same tokens but pairs them with the other neighbour, so between them every two
+    adjacent tokens of a row and of a column (the grid wrapping round) are paired by some coupling."""
+    neighbours = {frozenset((r * nw + c, r * nw + (c + 1) % nw)) for r in range(nh) for c in range(nw)} | \
+                 {frozenset((r * nw + c, (r + 1) % nh * nw + c)) for r in range(nh) for c in range(nw)}
+    covered = set()
+    for pattern in SPATIAL_PROJS:
+        plain, shifted = spatial_order(pattern, nh, nw), spatial_order(f"{pattern}-shift", nh, nw)
+        assert sorted(shifted.tolist()) == list(range(nh * nw))
+        assert set(shifted[: nh * nw // 2].tolist()) == set(plain[: nh * nw // 2].tolist())  # the same kept half
+        assert pairs(pattern, nh, nw) <= neighbours and pairs(f"{pattern}-shift", nh, nw) <= neighbours
+        assert not pairs(pattern, nh, nw) & pairs(f"{pattern}-shift", nh, nw)
+        covered |= pairs(pattern, nh, nw) | pairs(f"{pattern}-shift", nh, nw)
+    assert covered == neighbours
+    assert len(set().union(*(pairs(p, nh, nw) for p in SPATIAL_PROJS))) == len(neighbours) // 2
+
+
+def test_shifted_patterns_need_an_even_grid():
+    with pytest.raises(ValueError, match="even number of patches down and across"):
+        TINY.replace(image_size=(12, 16), kinds=("spatial",), spatial_projs=("vstripes-shift",))
+
+
 @pytest.fixture
 def medium_matmul_precision():
     previous = torch.get_float32_matmul_precision()

@@ -31,7 +31,7 @@ def matrix_from_order(order: torch.Tensor) -> torch.Tensor:
 
 
 def spatial_pattern(order: torch.Tensor, nh: int, nw: int, source: str, index: int) -> str:
-    """Which of the six spatial patterns (checkerboard, vstripes, ...) an order is. jet-pytorch builds its
+    """Which spatial pattern (checkerboard, vstripes-shift, ...) an order is. jet-pytorch builds its
     matrices on the transposed (width, height) grid, so that grid is accepted too; the stored order is
     what the model uses."""
     for pattern in SPATIAL_PROJS + SHIFTED_PROJS:

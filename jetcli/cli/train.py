@@ -41,7 +41,8 @@ def train(  # long only by its options: the body is parse, start_run, report
     patch_size: Optional[int] = typer.Option(None, help="Patch size in pixels."),
     kinds: Optional[str] = typer.Option(None, help="Coupling pattern, e.g. channels,channels,spatial."),
     spatial_patterns: Optional[str] = typer.Option(None, help="Spatial couplings' patterns, cycled, e.g. "
-                                                   "checkerboard,checkerboard-inv (default: all six)."),
+                                                   "checkerboard,checkerboard-inv (default: the paper's six). "
+                                                   "PATTERN-shift pairs each token with its other neighbour."),
     crop: Optional[int] = typer.Option(None, help="Train on random SxS crops of larger images."),
     flip: bool = typer.Option(False, "--flip", help="Mirror training images at random (half of them). Off by "
                               "default: the paper trains with no data augmentation."),
