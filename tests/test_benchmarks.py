@@ -139,6 +139,12 @@ def test_seam_ratio_tells_a_patch_grid_from_a_photo():
     assert 0.9 < photo_model.seam_ratio(ramp, 4) < 1.1
     assert photo_model.seam_ratio(ramp + offsets, 4) > 3
     assert photo_model.seam_ratio(ramp + offsets, 3) < 1.5  # a grid of other blocks is not this one
+    # Offsets shared by the token pairs 2j, 2j+1 of each row (bricks two tokens wide): seams only between
+    # columns 2j+1 | 2j+2, and between every row of tokens.
+    bricks = rng.normal(0, 30, (8, 8, 4, 3)).repeat(8, axis=2).repeat(4, axis=1)
+    split = photo_model.seam_ratios_by_pair(ramp + bricks, 4)
+    assert split["columns_paired"] < 1.1 < 3 < split["columns_unpaired"]
+    assert split["rows_paired"] > 3 and split["rows_unpaired"] > 3
 
 
 def test_compress_merge_joins_parts_into_one_table(tmp_path):
