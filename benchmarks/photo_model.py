@@ -51,18 +51,16 @@ def seam_ratio(images: np.ndarray, patch: int) -> float:
     absolute difference between horizontal and vertical neighbours that straddle a border of the
     patch grid, over the same for neighbours inside a patch. About 1 for photos; a visible patch grid
     (a mosaic of blocks with seams) gives clearly more."""
-    dx, dy, border = _neighbour_differences(images, patch)
+    dx, dy, border, inside = _neighbour_differences(images, patch)
     across = np.concatenate([dx[:, :, border(dx.shape[2])].ravel(), dy[:, border(dy.shape[1])].ravel()])
-    inside = np.concatenate([dx[:, :, ~border(dx.shape[2])].ravel(), dy[:, ~border(dy.shape[1])].ravel()])
-    return float(across.mean() / inside.mean())
+    return float(across.mean() / inside)
 
 
 def seam_ratios_by_pair(images: np.ndarray, patch: int) -> dict[str, float]:
     """The seam ratio of four kinds of border apart: between columns of tokens 2j | 2j+1 (the pairs the
     paper's checkerboard and vstripes couplings put in one ViT token) and 2j+1 | 2j+2 (never paired
     there), and the same between rows (hstripes' pairs). Each over the differences inside patches."""
-    dx, dy, border = _neighbour_differences(images, patch)
-    inside = np.concatenate([dx[:, :, ~border(dx.shape[2])].ravel(), dy[:, ~border(dy.shape[1])].ravel()]).mean()
+    dx, dy, border, inside = _neighbour_differences(images, patch)
     paired = lambda n: border(n) & ((np.arange(n) + 1) // patch % 2 == 1)  # noqa: E731  (token 2j | 2j+1)
     unpaired = lambda n: border(n) & ((np.arange(n) + 1) // patch % 2 == 0)  # noqa: E731
     return {"columns_paired": float(dx[:, :, paired(dx.shape[2])].mean() / inside),
@@ -72,10 +70,13 @@ def seam_ratios_by_pair(images: np.ndarray, patch: int) -> dict[str, float]:
 
 
 def _neighbour_differences(images: np.ndarray, patch: int):
-    """|differences| of horizontal and vertical neighbours ((.., j) and (.., j + 1)), and which j are
-    the last pixel of a patch (j + 1 starts a new one)."""
+    """|differences| of horizontal and vertical neighbours ((.., j) and (.., j + 1)), which j are the
+    last pixel of a patch (j + 1 starts a new one), and the mean difference inside patches."""
     x = images.astype(np.float64)
-    return np.abs(np.diff(x, axis=2)), np.abs(np.diff(x, axis=1)), lambda n: (np.arange(n) + 1) % patch == 0
+    dx, dy = np.abs(np.diff(x, axis=2)), np.abs(np.diff(x, axis=1))
+    border = lambda n: (np.arange(n) + 1) % patch == 0  # noqa: E731
+    inside = np.concatenate([dx[:, :, ~border(dx.shape[2])].ravel(), dy[:, ~border(dy.shape[1])].ravel()]).mean()
+    return dx, dy, border, inside
 
 
 def patch_sizes(models: dict) -> list[int]:

@@ -14,6 +14,7 @@ SPATIAL_PROJS = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv",
 # The same halves, each kept token paired with its neighbour on the other side (jetcli's, not the paper's):
 # the paper's pairing couples tokens 2j and 2j+1 only, and the borders between pairs show as a patch grid.
 SHIFTED_PROJS = tuple(f"{p}-shift" for p in SPATIAL_PROJS)
+SPATIAL_PATTERNS = SPATIAL_PROJS + SHIFTED_PROJS  # every name spatial_projs may hold
 CHANNEL_PROJS = ("random",)
 KINDS = ("channels", "spatial")
 POSITIVE_INTS = ("channels", "patch_size", "couplings", "block_depth", "width", "heads", "mlp_ratio")
@@ -72,8 +73,8 @@ class JetConfig:
             problems.append(f"width {self.width} is not divisible by {self.heads} heads")
         if not self.kinds or set(self.kinds) - set(KINDS):
             problems.append(f"kinds must be drawn from {KINDS}, got {self.kinds}")
-        if set(self.spatial_projs) - set(SPATIAL_PROJS + SHIFTED_PROJS) or not self.spatial_projs:
-            problems.append(f"spatial_projs must be drawn from {SPATIAL_PROJS + SHIFTED_PROJS}, got {self.spatial_projs}")
+        if set(self.spatial_projs) - set(SPATIAL_PATTERNS) or not self.spatial_projs:
+            problems.append(f"spatial_projs must be drawn from {SPATIAL_PATTERNS}, got {self.spatial_projs}")
         elif set(self.spatial_projs) & set(SHIFTED_PROJS) and "spatial" in self.kinds and (h // p % 2 or w // p % 2):
             problems.append("shifted spatial patterns need an even number of patches down and across")
         if set(self.channel_projs) - set(CHANNEL_PROJS) or not self.channel_projs:

@@ -8,7 +8,7 @@ import math
 import torch
 
 from jetcli.checkpoints.own import CheckpointError
-from jetcli.config import SHIFTED_PROJS, SPATIAL_PROJS, JetConfig
+from jetcli.config import SPATIAL_PATTERNS, JetConfig
 from jetcli.fileio import one_line
 from jetcli.model import spatial_order
 
@@ -34,10 +34,10 @@ def spatial_pattern(order: torch.Tensor, nh: int, nw: int, source: str, index: i
     """Which spatial pattern (checkerboard, vstripes-shift, ...) an order is. jet-pytorch builds its
     matrices on the transposed (width, height) grid, so that grid is accepted too; the stored order is
     what the model uses."""
-    for pattern in SPATIAL_PROJS + SHIFTED_PROJS:
+    for pattern in SPATIAL_PATTERNS:
         if any(torch.equal(order, spatial_order(pattern, a, b)) for a, b in ((nh, nw), (nw, nh))):
             return pattern
-    raise CheckpointError(f"{source}: spatial projection {index} is not one of {', '.join(SPATIAL_PROJS + SHIFTED_PROJS)}")
+    raise CheckpointError(f"{source}: spatial projection {index} is not one of {', '.join(SPATIAL_PATTERNS)}")
 
 
 def cyclic_pattern(seq: list[str], preferred: tuple[str, ...]) -> tuple[str, ...]:
