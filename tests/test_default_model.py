@@ -70,7 +70,7 @@ def test_the_default_is_the_photo_model(photo_model, repo_root):
 def test_photo_model_codes_held_out_photos_better_than_png_and_the_cifar_model(photo_model, model, shared_data):
     """Two held-out photos coded whole (edge-padded 32x32 tiles): trained photo statistics, not an init."""
     from jetcli.images import pad_to_tiles, png_bytes, read_rgb, tiles
-    for name in ("101085.png", "12084.png"):
+    for name in ("101085.png", "3096.png"):
         photo = read_rgb(shared_data / "cbsd68" / name)
         padded = torch.from_numpy(tiles(pad_to_tiles(photo, (32, 32)), (32, 32)))
         bits = {}
